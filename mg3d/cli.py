@@ -1,0 +1,199 @@
+"""The ``mg3d`` command: a thin click layer over the stages.
+
+Library code raises :class:`mg3d.errors.Mg3dError`; here it becomes one ``error: ...`` line and a
+non-zero exit code (a traceback only with ``--debug``). Stage modules are imported inside the commands,
+so ``mg3d --help`` stays fast and never imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from click.core import ParameterSource
+
+from mg3d import __version__
+from mg3d.errors import InputError, Mg3dError
+
+
+class _Group(click.Group):
+    """Turns mg3d's errors and Ctrl-C into one-line messages and exit codes."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except Mg3dError as exc:
+            if (ctx.obj or {}).get("debug"):
+                raise
+            _error(str(exc))
+            ctx.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            _error("interrupted; finished stages are kept, the interrupted one will be redone")
+            ctx.exit(130)
+
+
+def _error(message: str) -> None:
+    from rich.markup import escape
+
+    from mg3d.ui import console
+
+    console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
+
+
+def _overrides(ctx: click.Context, names: list[str]) -> dict[str, Any]:
+    """Options the user typed on the command line (defaults do not override a preset or --config)."""
+    return {n: ctx.params[n] for n in names if ctx.get_parameter_source(n) == ParameterSource.COMMANDLINE}
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, "-V", "--version", prog_name="mg3d")
+@click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
+    """mg3d: a phone video and a text instruction in, an edited 3D model that runs on phones and in browsers out.
+
+    \b
+    Start with the built-in demo scene:
+      mg3d capture --demo --out demo-ws
+      mg3d info demo-ws
+    """
+    ctx.obj = {"debug": debug}
+
+
+_CAPTURE_OPTIONS = ["frames", "max_frames", "max_size", "matcher", "mapper", "camera_model", "holdout_every", "min_registered_fraction", "threads", "seed"]
+
+
+@main.command()
+@click.argument("source", required=False, type=click.Path(path_type=Path))
+@click.option("--out", "-o", "out", required=True, type=click.Path(path_type=Path), help="Workspace folder to write (created if needed).")
+@click.option("--demo", is_flag=True, help="Use the built-in demo video instead of SOURCE.")
+@click.option("--frames", type=click.IntRange(min=1), help="Pick exactly this many frames (an error if the input has fewer).")
+@click.option("--max-frames", type=click.IntRange(min=5), help="Without --frames, pick up to this many [default: 100].")
+@click.option("--max-size", type=click.IntRange(min=32), help="Long side of the frames in pixels [default: 512].")
+@click.option("--matcher", type=click.Choice(["auto", "sequential", "exhaustive"]), help="Feature matching [default: auto: sequential for video, exhaustive for photos].")
+@click.option("--mapper", type=click.Choice(["incremental", "global"]), help="SfM mapper [default: incremental].")
+@click.option("--camera-model", type=click.Choice(["SIMPLE_PINHOLE", "PINHOLE", "SIMPLE_RADIAL", "RADIAL", "OPENCV"]), help="Camera model SfM solves for, undistorted to pinhole afterwards [default: SIMPLE_RADIAL].")
+@click.option("--holdout-every", type=click.IntRange(min=0), help="Hold out every k-th frame for evaluation; 0: none [default: 8].")
+@click.option("--min-registered-fraction", type=click.FloatRange(0, 1, min_open=True), help="Fail when fewer frames register [default: 0.5].")
+@click.option("--threads", type=int, help="CPU threads for SfM; -1: all [default: -1].")
+@click.option("--seed", type=int, help="Random seed of the mapper [default: 0].")
+@click.option("--preset", type=click.Choice(["tiny", "default", "quality"]), help="Preset of option values (configs/<name>.yaml).")
+@click.option("--config", "config_file", type=click.Path(path_type=Path), help="YAML/JSON file with a 'capture:' section; command-line options win.")
+@click.option("--force", is_flag=True, help="Redo the stage even if it is up to date.")
+@click.option("--verbose", "-v", is_flag=True, help="Show COLMAP's log.")
+@click.pass_context
+def capture(ctx: click.Context, source: Path | None, out: Path, demo: bool, preset: str | None, config_file: Path | None, force: bool, verbose: bool, **_: Any) -> None:
+    """Frames and camera poses from a video, a folder of photos, or a posed dataset.
+
+    SOURCE is a video file, a folder of photos (structure-from-motion with COLMAP recovers the poses),
+    or a dataset that already has poses (nerfstudio transforms.json, Blender, LLFF, COLMAP), which is
+    imported as it is. The result goes to OUT/capture/ as nerfstudio transforms.json + images.
+    """
+    from mg3d.capture import CaptureConfig, run
+    from mg3d.config import resolve_config
+    from mg3d.workspace import Workspace
+
+    if demo == (source is not None):
+        raise InputError("give either SOURCE or --demo", hint="e.g. mg3d capture video.mp4 --out ws, or mg3d capture --demo --out ws")
+    if demo:
+        from mg3d.demo import video_path
+
+        source = video_path()
+    config = resolve_config(CaptureConfig, "capture", preset, config_file, _overrides(ctx, _CAPTURE_OPTIONS))
+    result = run(source, config, Workspace(out), force=force, verbose=verbose)
+    if not result.skipped:
+        _print_stage_summary(out, "capture", result.manifest)
+
+
+def _print_stage_summary(out: Path, stage: str, manifest: dict[str, Any]) -> None:
+    from mg3d.ui import console
+
+    metrics = manifest.get("metrics", {})
+    console.print(f"[green]{stage} done[/] in {metrics.get('duration_s', 0):.1f} s -> {out / stage}")
+    console.print(_metrics_table(stage, metrics))
+    if "overview" in manifest.get("outputs", {}):
+        console.print(f"overview picture: {out / stage / manifest['outputs']['overview']}")
+
+
+def _metrics_table(stage: str, metrics: dict[str, Any]) -> Any:
+    from rich.table import Table
+
+    table = Table(title=f"{stage} metrics", show_header=True, header_style="bold")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in metrics.items():
+        table.add_row(key, _fmt(value))
+    return table
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list):
+        return " x ".join(map(str, value)) if all(isinstance(v, int) for v in value) else json.dumps(value)
+    return str(value)
+
+
+def _headline(stage: str, m: dict[str, Any]) -> str:
+    """The few figures of a stage that the overview table shows; the rest are in the per-stage tables."""
+    parts = []
+    if "frames_registered" in m:
+        parts.append(f"{m['frames_registered']}/{m.get('frames_selected', '?')} frames")
+    if "mean_reprojection_error_px" in m:
+        parts.append(f"{m['mean_reprojection_error_px']:.2f} px reproj.")
+    if "imported_format" in m:
+        parts.append(f"from {m['imported_format']}")
+    for key in ("psnr", "ssim"):
+        if key in m:
+            parts.append(f"{key.upper()} {_fmt(m[key])}")
+    return ", ".join(parts)
+
+
+@main.command()
+@click.argument("workspace", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the manifests as JSON on stdout.")
+def info(workspace: Path, as_json: bool) -> None:
+    """Stages of a workspace, their manifests and metrics."""
+    from mg3d.errors import WorkspaceError
+    from mg3d.workspace import MARKER, Workspace
+
+    ws = Workspace(workspace)
+    if not workspace.is_dir():
+        raise WorkspaceError(f"workspace {workspace} does not exist", hint="make one with: mg3d capture SOURCE --out " + str(workspace))
+    stages, partial = ws.stages(), ws.partial_stages()
+    if not stages and not partial and not (workspace / MARKER).is_file():
+        raise WorkspaceError(f"{workspace} is not an mg3d workspace", hint="make one with: mg3d capture SOURCE --out " + str(workspace))
+    manifests = {name: ws.manifest(name) for name in stages}
+    if as_json:
+        click.echo(json.dumps({"workspace": str(workspace.resolve()), "stages": manifests, "unfinished": partial}, indent=2))
+        return
+
+    from rich.table import Table
+
+    from mg3d.ui import console
+
+    out = console.__class__(highlight=False)  # tables go to stdout
+    table = Table(title=f"workspace {workspace}", header_style="bold")
+    for col in ("stage", "status", "finished (UTC)", "took", "key figures", "size"):
+        table.add_column(col, no_wrap=col != "key figures")
+    for name, m in manifests.items():
+        metrics = m.get("metrics", {})
+        files = m.get("files", {})
+        table.add_row(
+            name, "[green]done[/]", m.get("finished", "")[:16].replace("T", " "), f"{metrics.get('duration_s', 0):.0f} s",
+            _headline(name, metrics), f"{files.get('bytes', 0) / 1e6:.1f} MB",
+        )
+    for name in partial:
+        table.add_row(name, "[yellow]unfinished[/]", "", "", "will be redone", "")
+    out.print(table)
+    for name, m in manifests.items():
+        out.print(_metrics_table(name, m.get("metrics", {})))
+    if not manifests:
+        out.print("no finished stages yet")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""Reading and writing images as uint8 arrays (Pillow), with EXIF orientation applied."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from mg3d.errors import InputError
+
+
+def open_image(path: Path) -> Image.Image:
+    """Open an image upright (EXIF orientation applied), as RGB or RGBA."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            im = ImageOps.exif_transpose(im)
+    except FileNotFoundError:
+        raise InputError(f"image {path} does not exist") from None
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise InputError(f"cannot read image {path} ({exc.__class__.__name__})", hint="remove or re-export that file") from None
+    has_alpha = im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit greyscale: keep the high byte
+        im = Image.fromarray((np.asarray(im, dtype=np.uint32) >> 8).astype(np.uint8))
+    return im.convert("RGBA" if has_alpha else "RGB")
+
+
+def read_image(path: Path) -> np.ndarray:
+    """uint8 [H, W, 3] or [H, W, 4]."""
+    return np.asarray(open_image(Path(path)))
+
+
+def write_image(path: Path, image: np.ndarray) -> None:
+    """Write uint8 [H, W, 3|4] (format from the suffix; JPEG at quality 95)."""
+    im = Image.fromarray(np.ascontiguousarray(image))
+    if Path(path).suffix.lower() in (".jpg", ".jpeg"):
+        im.convert("RGB").save(path, quality=95)
+    else:
+        im.save(path)
+
+
+def resize_long_side(image: Image.Image, max_size: int) -> Image.Image:
+    """Shrink (never enlarge) so that the longer side is at most ``max_size`` pixels (Lanczos)."""
+    w, h = image.size
+    if max_size <= 0 or max(w, h) <= max_size:
+        return image
+    s = max_size / max(w, h)
+    return image.resize((max(1, round(w * s)), max(1, round(h * s))), Image.Resampling.LANCZOS)
+
+
+def sharpness(gray: np.ndarray) -> float:
+    """Variance of the Laplacian of a float greyscale image [H, W]: higher is sharper."""
+    lap = -4.0 * gray[1:-1, 1:-1] + gray[:-2, 1:-1] + gray[2:, 1:-1] + gray[1:-1, :-2] + gray[1:-1, 2:]
+    return float(lap.var())
