@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from mg3d.errors import DatasetError
-from mg3d.formats.nerfstudio import read_json
+from mg3d.formats.nerfstudio import frame_pose, read_json
 from mg3d.scene import Scene, resolve_inside
 
 SPLITS = ("train", "val", "test")
@@ -88,16 +88,8 @@ def load_blender(root: Path) -> Scene:
             raise DatasetError(f"{file}: camera_angle_x {angle} is not an angle in (0, pi) radians")
         start = len(paths)
         for i, frame in enumerate(frames):
-            if not isinstance(frame, dict) or "file_path" not in frame or "transform_matrix" not in frame:
-                raise DatasetError(f"{file}: frame {i} needs file_path and transform_matrix")
+            c2w.append(frame_pose(frame, i, file))
             paths.append(_image_path(root, frame["file_path"], file))
-            try:
-                matrix = np.asarray(frame["transform_matrix"], dtype=np.float64)
-            except (TypeError, ValueError):
-                raise DatasetError(f"{file}: frame {i} transform_matrix is not a matrix of numbers") from None
-            if matrix.shape not in ((4, 4), (3, 4)):
-                raise DatasetError(f"{file}: frame {i} transform_matrix has shape {matrix.shape}, expected 4x4")
-            c2w.append(np.vstack([matrix[:3], [0, 0, 0, 1]]))
         if len(paths) > start:
             # All frames of a split share one size; read it from the first image's header only.
             w, h = image_size(paths[start])

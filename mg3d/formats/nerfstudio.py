@@ -32,6 +32,19 @@ def read_json(path: Path) -> Any:
         raise DatasetError(f"{path} is not valid JSON ({exc})", hint="fix or regenerate the file") from None
 
 
+def frame_pose(frame: Any, i: int, file: Path) -> np.ndarray:  # -> [4, 4]
+    """The ``transform_matrix`` of frame ``i`` of ``file`` (which must also have a ``file_path``)."""
+    if not isinstance(frame, dict) or "file_path" not in frame or "transform_matrix" not in frame:
+        raise DatasetError(f"{file}: frame {i} needs file_path and transform_matrix")
+    try:
+        matrix = np.asarray(frame["transform_matrix"], dtype=np.float64)
+    except (TypeError, ValueError):
+        raise DatasetError(f"{file}: frame {i} transform_matrix is not a matrix of numbers") from None
+    if matrix.shape not in ((4, 4), (3, 4)):
+        raise DatasetError(f"{file}: frame {i} transform_matrix has shape {matrix.shape}, expected 4x4")
+    return np.vstack([matrix[:3], [0, 0, 0, 1]])
+
+
 def load_nerfstudio(path: str | Path) -> Scene:
     """Read a nerfstudio dataset: ``path`` is ``transforms.json`` or the folder holding it."""
     path = Path(path)
@@ -47,17 +60,9 @@ def load_nerfstudio(path: str | Path) -> Scene:
 
     paths, c2w, masks, intr, near, far = [], [], [], {k: [] for k in _INTRINSIC_KEYS}, [], []
     for i, frame in enumerate(frames):
-        if not isinstance(frame, dict) or "file_path" not in frame or "transform_matrix" not in frame:
-            raise DatasetError(f"{file}: frame {i} needs file_path and transform_matrix")
+        c2w.append(frame_pose(frame, i, file))
         paths.append(resolve_inside(root, frame["file_path"]))
         masks.append(resolve_inside(root, frame["mask_path"], "mask_path") if frame.get("mask_path") else None)
-        try:
-            matrix = np.asarray(frame["transform_matrix"], dtype=np.float64)
-        except (TypeError, ValueError):
-            raise DatasetError(f"{file}: frame {i} transform_matrix is not a matrix of numbers") from None
-        if matrix.shape not in ((4, 4), (3, 4)):
-            raise DatasetError(f"{file}: frame {i} transform_matrix has shape {matrix.shape}, expected 4x4")
-        c2w.append(np.vstack([matrix[:3], [0, 0, 0, 1]]))
         fl_x = value(frame, "fl_x")
         w, h = value(frame, "w"), value(frame, "h")
         if fl_x is None or w is None or h is None:
