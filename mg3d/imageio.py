@@ -9,6 +9,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from mg3d.errors import InputError
 
+_ROTATING_EXIF = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+
 
 def open_image(path: Path) -> Image.Image:
     """Open an image upright (EXIF orientation applied), as RGB or RGBA."""
@@ -24,6 +26,22 @@ def open_image(path: Path) -> Image.Image:
     if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit greyscale: keep the high byte
         im = Image.fromarray((np.asarray(im, dtype=np.uint32) >> 8).astype(np.uint8))
     return im.convert("RGBA" if has_alpha else "RGB")
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) of an image as :func:`mg3d.imageio.read_image` returns it, reading only the header.
+
+    EXIF rotations by a quarter turn swap the two, as ``read_image`` applies them.
+    """
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            orientation = im.getexif().get(0x0112, 1)
+    except FileNotFoundError:
+        raise InputError(f"image {path} does not exist") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise InputError(f"cannot read image {path} ({exc.__class__.__name__})", hint="remove or re-export it") from None
+    return (h, w) if orientation in _ROTATING_EXIF else (w, h)
 
 
 def read_image(path: Path) -> np.ndarray:

@@ -162,7 +162,9 @@ class Workspace:
 
     def begin(self, stage: str, config: dict[str, Any], inputs: dict[str, Any]) -> StageRun:
         """Start writing a stage; use as a context manager (see :class:`StageRun`)."""
-        if self.root.exists() and any(self.root.iterdir()) and not (self.root / MARKER).is_file():
+        leftovers = lambda p: p.name.endswith((".partial", ".old")) and p.name.startswith(".")  # noqa: E731
+        foreign = self.root.exists() and any(not leftovers(p) for p in self.root.iterdir())
+        if foreign and not (self.root / MARKER).is_file():
             raise WorkspaceError(
                 f"{self.root} is a non-empty folder that is not an mg3d workspace",
                 hint="choose a new or empty folder for --out",

@@ -83,6 +83,13 @@ def test_demo_capture_colmap_model_matches_transforms(demo_ws: Path) -> None:
     np.testing.assert_allclose(colmap.fx, ns.fx)
 
 
+def test_global_mapper(tmp_path: Path, cli) -> None:
+    result = cli("capture", "--demo", "--out", tmp_path / "ws", "--preset", "tiny", "--mapper", "global")
+    assert result.exit_code == 0, result.output
+    metrics = read_manifest(tmp_path / "ws")["metrics"]
+    assert metrics["frames_registered"] >= 23 and metrics["mean_reprojection_error_px"] < 1.0
+
+
 def test_rerun_is_skipped(demo_ws: Path, cli) -> None:
     before = read_manifest(demo_ws)
     result = cli("capture", "--demo", "--out", demo_ws, "--preset", "tiny")

@@ -119,3 +119,10 @@ def test_config_layers_and_validation(tmp_path: Path) -> None:
     file.write_text("!!python/object/apply:os.system ['echo hacked']\n")
     with pytest.raises(ConfigError):  # safe_load refuses to construct Python objects
         read_config_file(file)
+
+
+def test_leftover_partial_from_a_killed_first_run_does_not_block(tmp_path: Path) -> None:
+    (tmp_path / "ws" / ".capture.partial").mkdir(parents=True)  # a process killed before any stage finished
+    ws = Workspace(tmp_path / "ws")
+    _write_stage(ws, "ok")
+    assert ws.stages() == ["capture"] and ws.partial_stages() == []

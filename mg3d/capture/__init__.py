@@ -191,12 +191,10 @@ def _import_posed(source: Path, fmt: str, config: CaptureConfig, out: Path) -> A
     Coordinates are kept as the dataset has them (its normalization is carried over); a dataset with only
     a training split gets the every-k-th hold-out split.
     """
-    from PIL import Image
-
     from mg3d.capture.overview import draw_overview
     from mg3d.formats import load_scene
     from mg3d.formats.nerfstudio import write_nerfstudio
-    from mg3d.imageio import open_image, resize_long_side
+    from mg3d.imageio import image_size, open_image, resize_long_side
     from mg3d.ui import progress
 
     scene = load_scene(source, fmt)
@@ -207,8 +205,7 @@ def _import_posed(source: Path, fmt: str, config: CaptureConfig, out: Path) -> A
         task = bar.add_task(f"importing {fmt} images", total=len(scene))
         for i, src in enumerate(scene.image_paths):
             dst = images / f"{i:05d}_{src.stem}.png"
-            with Image.open(src) as probe:
-                size = probe.size
+            size = image_size(src)
             if max(size) > config.max_size or src.suffix.lower() != ".png":
                 image = resize_long_side(open_image(src), config.max_size)
                 image.save(dst)

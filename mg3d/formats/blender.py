@@ -12,31 +12,14 @@ import math
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from mg3d.errors import DatasetError
 from mg3d.formats.nerfstudio import frame_pose, read_json
+from mg3d.imageio import image_size
 from mg3d.scene import Scene, resolve_inside
 
 SPLITS = ("train", "val", "test")
 NEAR, FAR = 2.0, 6.0  # the bounds every NeRF paper uses for this set
-_ROTATING_EXIF = (5, 6, 7, 8)  # EXIF orientations that swap width and height
-
-
-def image_size(path: Path) -> tuple[int, int]:
-    """(width, height) of an image as :func:`mg3d.imageio.read_image` returns it, reading only the header.
-
-    EXIF rotations by a quarter turn swap the two, as ``read_image`` applies them.
-    """
-    try:
-        with Image.open(path) as im:
-            w, h = im.size
-            orientation = im.getexif().get(0x0112, 1)
-    except FileNotFoundError:
-        raise DatasetError(f"image {path} does not exist") from None
-    except (UnidentifiedImageError, OSError) as exc:
-        raise DatasetError(f"cannot read image {path} ({exc.__class__.__name__})", hint="remove or re-export it") from None
-    return (h, w) if orientation in _ROTATING_EXIF else (w, h)
 
 
 def _image_path(root: Path, file_path: str, source: Path) -> Path:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from mg3d.errors import DatasetError
-from mg3d.formats.blender import image_size
+from mg3d.imageio import image_size
 from mg3d.scene import IMAGE_SUFFIXES, Scene, near_far_from_points
 
 HOLDOUT = 8  # every 8th image is a test view
