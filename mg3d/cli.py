@@ -108,6 +108,72 @@ def capture(ctx: click.Context, source: Path | None, out: Path, demo: bool, pres
         _print_stage_summary(out, "capture", result.manifest)
 
 
+_TEACHER_OPTIONS = [
+    "steps", "max_time_s", "rays", "target_samples", "lr", "levels", "features", "log2_size", "max_resolution", "hidden",
+    "density_bias", "grid_resolution", "grid_update_every", "steps_per_ray", "cone", "scene", "bound", "near", "far",
+    "appearance", "pose_refine", "random_background", "downscale", "mixed_precision", "checkpoint_every", "eval_views",
+    "save_views", "chunk", "device", "seed", "compile",
+]
+
+
+@main.command()
+@click.argument("workspace", type=click.Path(path_type=Path))
+@click.option("--steps", type=click.IntRange(min=1), help="Training steps [default: 20000].")
+@click.option("--max-time-s", type=click.FloatRange(min=0), help="Stop training after this many seconds; 0: no limit [default: 0].")
+@click.option("--rays", type=click.IntRange(min=1), help="Rays in the first batch, then adapted to --target-samples [default: 4096].")
+@click.option("--target-samples", type=click.IntRange(min=0), help="Samples per batch the ray count adapts to; 0: keep --rays [default: 262144].")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Adam learning rate [default: 0.01].")
+@click.option("--levels", type=click.IntRange(min=1), help="Levels of the hash grid [default: 16].")
+@click.option("--features", type=click.IntRange(min=1), help="Features per hash-grid level [default: 2].")
+@click.option("--log2-size", type=click.IntRange(min=1), help="log2 of the hash table size per level [default: 19].")
+@click.option("--max-resolution", type=click.IntRange(min=1), help="Resolution of the finest hash-grid level [default: 2048].")
+@click.option("--hidden", type=click.IntRange(min=1), help="Width of the MLPs [default: 64].")
+@click.option("--density-bias", type=float, help="Log density of the untrained field; lower starts more transparent [default: -1.0].")
+@click.option("--grid-resolution", type=click.IntRange(min=1), help="Cells per side of the occupancy grid [default: 128].")
+@click.option("--grid-update-every", type=click.IntRange(min=1), help="Update the occupancy grid every this many steps [default: 16].")
+@click.option("--steps-per-ray", type=click.IntRange(min=1), help="Smallest step is 2 sqrt(3) bound / this [default: 1024].")
+@click.option("--cone", type=click.FloatRange(min=0), help="Step growth with distance, unbounded scenes [default: 1/256].")
+@click.option("--scene", type=click.Choice(["auto", "bounded", "unbounded"]), help="Scene kind; auto: bounded for RGBA data, else unbounded [default: auto].")
+@click.option("--bound", type=click.FloatRange(min=0, min_open=True), help="Half side of the scene cube, bounded scenes [default: 1.5].")
+@click.option("--near", type=click.FloatRange(min=0), help="Near distance, unbounded scenes (bounded ones use the scene's) [default: 0.05].")
+@click.option("--far", type=click.FloatRange(min=0, min_open=True), help="Far distance, unbounded scenes [default: 1000].")
+@click.option("--appearance", type=click.IntRange(min=-1), help="Per-image appearance embedding size; -1: 16 for captures, 0 for RGBA data [default: -1].")
+@click.option("--pose-refine/--no-pose-refine", default=None, help="Learn corrections to the training cameras' poses [default: off].")
+@click.option("--random-background/--no-random-background", default=None, help="RGBA data: composite on random colours while training [default: on].")
+@click.option("--downscale", type=click.IntRange(min=1), help="Shrink the images by this factor for training and evaluation [default: 1].")
+@click.option("--mixed-precision/--no-mixed-precision", default=None, help="bf16 autocast on CUDA [default: on].")
+@click.option("--checkpoint-every", type=click.IntRange(min=1), help="Save a checkpoint to resume from every this many steps [default: 1000].")
+@click.option("--eval-views", type=click.IntRange(min=0), help="Held-out views to evaluate; 0: all [default: 0].")
+@click.option("--save-views", type=click.IntRange(min=0), help="Side-by-side pictures (truth | render | depth) to write [default: 4].")
+@click.option("--chunk", type=click.IntRange(min=1), help="Rays per render chunk; lower it to save memory [default: 65536].")
+@click.option("--device", type=str, help="Torch device: auto (CUDA when visible, else CPU), cpu, cuda, cuda:1 ... [default: auto].")
+@click.option("--seed", type=int, help="Random seed [default: 0].")
+@click.option("--compile", type=click.Choice(["auto", "on", "off"]), help="torch.compile the hash encoding; auto: on CUDA [default: auto].")
+@click.option("--preset", type=click.Choice(["tiny", "default", "quality"]), help="Preset of option values (configs/<name>.yaml).")
+@click.option("--config", "config_file", type=click.Path(path_type=Path), help="YAML/JSON file with a 'teacher:' section; command-line options win.")
+@click.option("--force", is_flag=True, help="Redo the stage even if it is up to date (and drop its checkpoint).")
+@click.pass_context
+def teacher(ctx: click.Context, workspace: Path, preset: str | None, config_file: Path | None, force: bool, **_: Any) -> None:
+    """Train a radiance field (the teacher) on the capture in WORKSPACE and evaluate it on the held-out views.
+
+    Writes WORKSPACE/teacher/: weights, pictures of held-out views (truth | render | depth) and PSNR/SSIM.
+    An interrupted run resumes from its last checkpoint when run again with the same options.
+    """
+    from mg3d.config import resolve_config
+    from mg3d.teacher import TeacherConfig, run
+    from mg3d.workspace import Workspace
+
+    config = resolve_config(TeacherConfig, "teacher", preset, config_file, _overrides(ctx, _TEACHER_OPTIONS))
+    result = run(Workspace(workspace), config, force=force)
+    if not result.skipped:
+        from mg3d.ui import console
+
+        _print_stage_summary(workspace, "teacher", result.manifest)
+        renders = workspace / "teacher" / "renders"
+        if renders.is_dir():
+            console.print(f"renders: {renders}")
+
+
 def _print_stage_summary(out: Path, stage: str, manifest: dict[str, Any]) -> None:
     from mg3d.ui import console
 
@@ -146,6 +212,8 @@ def _headline(stage: str, m: dict[str, Any]) -> str:
         parts.append(f"{m['mean_reprojection_error_px']:.2f} px reproj.")
     if "imported_format" in m:
         parts.append(f"from {m['imported_format']}")
+    if stage == "teacher" and "steps" in m:
+        parts.append(f"{m['steps']} steps")
     for key in ("psnr", "ssim"):
         if key in m:
             parts.append(f"{key.upper()} {_fmt(m[key])}")

@@ -160,8 +160,12 @@ class Workspace:
         outputs_exist = all((self.stage_dir(stage) / rel).exists() for rel in manifest.get("outputs", {}).values())
         return manifest.get("config") == config and same_inputs and outputs_exist
 
-    def begin(self, stage: str, config: dict[str, Any], inputs: dict[str, Any]) -> StageRun:
-        """Start writing a stage; use as a context manager (see :class:`StageRun`)."""
+    def begin(self, stage: str, config: dict[str, Any], inputs: dict[str, Any], resumable: bool = False) -> StageRun:
+        """Start writing a stage; use as a context manager (see :class:`StageRun`).
+
+        A ``resumable`` stage keeps its partial folder when it fails or is interrupted, and finds it
+        again next time (its checkpoints are there); other stages start from an empty folder.
+        """
         leftovers = lambda p: p.name.endswith((".partial", ".old")) and p.name.startswith(".")  # noqa: E731
         foreign = self.root.exists() and any(not leftovers(p) for p in self.root.iterdir())
         if foreign and not (self.root / MARKER).is_file():
@@ -169,7 +173,7 @@ class Workspace:
                 f"{self.root} is a non-empty folder that is not an mg3d workspace",
                 hint="choose a new or empty folder for --out",
             )
-        return StageRun(self, stage, config, inputs)
+        return StageRun(self, stage, config, inputs, resumable)
 
     def _recover(self) -> None:
         """Finish a swap that was interrupted between its two renames."""
@@ -188,12 +192,14 @@ class StageRun:
 
     Inside the ``with`` block, write files under ``run.path`` and put numbers into ``run.metrics`` and the
     key files' relative paths into ``run.outputs``. On success the manifest is written and the folder
-    becomes ``WS/<stage>/`` (replacing an older result); on any exception the partial folder is removed,
-    the older result is kept, and a workspace folder this run created is removed again.
+    becomes ``WS/<stage>/`` (replacing an older result); on any exception the partial folder is removed
+    (kept, for a resumable stage), the older result is kept, and a workspace folder this run created is
+    removed again.
     """
 
-    def __init__(self, workspace: Workspace, stage: str, config: dict[str, Any], inputs: dict[str, Any]) -> None:
+    def __init__(self, workspace: Workspace, stage: str, config: dict[str, Any], inputs: dict[str, Any], resumable: bool = False) -> None:
         self.workspace = workspace
+        self.resumable = resumable
         self.stage = stage
         self.config = config
         self.inputs = inputs
@@ -209,9 +215,9 @@ class StageRun:
     def __enter__(self) -> StageRun:
         self._created_root = not self.workspace.root.exists()
         self.workspace.root.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():
+        if self.path.exists() and not self.resumable:
             shutil.rmtree(self.path)
-        self.path.mkdir()
+        self.path.mkdir(exist_ok=True)
         self._t0, self._started = time.perf_counter(), _now()
         return self
 
@@ -219,6 +225,8 @@ class StageRun:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         if exc_type is not None:
+            if self.resumable:
+                return  # keep the checkpoints for the next run; no manifest, so it is not "done"
             shutil.rmtree(self.path, ignore_errors=True)
             root = self.workspace.root
             if self._created_root and root.is_dir() and not any(root.iterdir()):
