@@ -67,6 +67,14 @@ def resize_long_side(image: Image.Image, max_size: int) -> Image.Image:
     return image.resize((max(1, round(w * s)), max(1, round(h * s))), Image.Resampling.LANCZOS)
 
 
+def shrink(image: np.ndarray, factor: int) -> np.ndarray:
+    """uint8 [H, W, C] shrunk by an integer ``factor`` (box filter, sizes rounded down; 1: unchanged)."""
+    if factor <= 1:
+        return image
+    h, w = image.shape[:2]
+    return np.asarray(Image.fromarray(image).resize((max(1, w // factor), max(1, h // factor)), Image.Resampling.BOX))
+
+
 def sharpness(gray: np.ndarray) -> float:
     """Variance of the Laplacian of a float greyscale image [H, W]: higher is sharper."""
     lap = -4.0 * gray[1:-1, 1:-1] + gray[:-2, 1:-1] + gray[2:, 1:-1] + gray[1:-1, :-2] + gray[1:-1, 2:]

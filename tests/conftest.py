@@ -69,5 +69,17 @@ def demo_frames(indices: list[int]) -> list[np.ndarray]:
     return [out[i] for i in indices]
 
 
+@pytest.fixture(scope="session")
+def tiny_demo_capture(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The built-in demo captured with the tiny preset (24 of 60 frames, long side 256), once per session.
+    Tests may re-run capture on it but must leave it as it is; teacher tests work on copies."""
+    from mg3d.cli import main
+
+    ws = tmp_path_factory.mktemp("demo") / "ws"
+    result = CliRunner().invoke(main, ["capture", "--demo", "--out", str(ws), "--preset", "tiny"])
+    assert result.exit_code == 0, result.output
+    return ws
+
+
 def read_manifest(ws: Path, stage: str = "capture") -> dict:
     return json.loads((ws / stage / "manifest.json").read_text())

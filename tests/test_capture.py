@@ -24,17 +24,9 @@ def umeyama(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarray, f
     return rot, mu_d - scale * rot @ mu_s, scale
 
 
-@pytest.fixture(scope="module")
-def demo_ws(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The built-in demo captured with the tiny preset (24 of 60 frames, long side 256)."""
-    from click.testing import CliRunner
-
-    from mg3d.cli import main
-
-    ws = tmp_path_factory.mktemp("demo") / "ws"
-    result = CliRunner().invoke(main, ["capture", "--demo", "--out", str(ws), "--preset", "tiny"])
-    assert result.exit_code == 0, result.output
-    return ws
+@pytest.fixture
+def demo_ws(tiny_demo_capture: Path) -> Path:
+    return tiny_demo_capture
 
 
 def test_demo_capture_recovers_the_true_cameras(demo_ws: Path) -> None:

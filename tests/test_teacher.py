@@ -20,16 +20,9 @@ SHORT = ("--preset", "tiny", "--downscale", "4", "--eval-views", "1", "--save-vi
 
 
 @pytest.fixture(scope="module")
-def captured(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def captured(tiny_demo_capture: Path) -> Path:
     """The built-in demo captured with the tiny preset; tests copy it, never change it."""
-    from click.testing import CliRunner
-
-    from mg3d.cli import main
-
-    ws = tmp_path_factory.mktemp("teacher") / "captured"
-    result = CliRunner().invoke(main, ["capture", "--demo", "--out", str(ws), "--preset", "tiny"])
-    assert result.exit_code == 0, result.output
-    return ws
+    return tiny_demo_capture
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mg3d.imageio import shrink
 from mg3d.metrics import psnr, ssim
 from mg3d.scene import Scene
 from mg3d.teacher.model import Teacher
@@ -28,11 +29,7 @@ def depth_picture(depth: np.ndarray, opacity: np.ndarray) -> np.ndarray:
 
 def ground_truth(scene: Scene, i: int, downscale: int) -> np.ndarray:
     """Image i as float RGB [H, W, 3] in [0, 1], RGBA composited on white, shrunk like the training images."""
-    img = scene.rgb(i)
-    if downscale > 1:
-        h, w = img.shape[:2]
-        img = np.asarray(Image.fromarray(img).resize((max(1, w // downscale), max(1, h // downscale)), Image.Resampling.BOX))
-    return img.astype(np.float32) / 255.0
+    return shrink(scene.rgb(i), downscale).astype(np.float32) / 255.0
 
 
 def evaluate(model: Teacher, scene: Scene, indices: np.ndarray, config: Any, out_dir: Path) -> dict[str, Any]:

@@ -72,21 +72,19 @@ class Field(nn.Module):
         h = self.density_net(self.encoding(u))
         return trunc_exp(h[:, 0].float() + self.density_bias), h[:, 1:]
 
-    def density(self, x: Tensor) -> Tensor:
-        """Density [N] at world points x [N, 3] (zero outside a bounded scene's cube)."""
+    def density_and_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Density [N] (zero outside a bounded scene's cube) and geometry features [N, G] at world points x [N, 3]."""
         u = self.normalize(x)
-        inside = ((u >= 0) & (u <= 1)).all(-1)
-        return self.density_unit(u.clamp(0, 1))[0] * inside
+        sigma, geo = self.density_unit(u.clamp(0, 1))
+        return sigma * ((u >= 0) & (u <= 1)).all(-1), geo
 
     def forward(self, x: Tensor, d: Tensor, image: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Density [N] and colour [N, 3] in [0, 1] at points x [N, 3] seen along unit directions d [N, 3].
 
         ``image`` [N] selects appearance embeddings; None uses their mean (novel views).
         """
-        u = self.normalize(x)
-        inside = ((u >= 0) & (u <= 1)).all(-1)
-        sigma, geo = self.density_unit(u.clamp(0, 1))
-        return sigma * inside, self.color(geo, d, image)
+        sigma, geo = self.density_and_features(x)
+        return sigma, self.color(geo, d, image)
 
     def color(self, geo: Tensor, d: Tensor, image: Tensor | None = None) -> Tensor:
         """Colour [N, 3] in [0, 1] from geometry features [N, G] (of :meth:`density_unit`) and directions [N, 3]."""

@@ -132,7 +132,7 @@ class Teacher(nn.Module):
     # ---- rendering ----------------------------------------------------------------------------------
     def render_rays(
         self, origins: Tensor, dirs: Tensor, image: Tensor | None = None, background: Tensor | None = None,
-        jitter: Tensor | None = None, prune: bool = True, max_samples: int = 0,
+        jitter: Tensor | None = None, max_samples: int = 0,
     ) -> dict[str, Tensor]:
         """Render rays [R, 3] (unit directions). Returns rgb [R, 3], depth [R], opacity [R], samples (int).
 
@@ -151,7 +151,7 @@ class Teacher(nn.Module):
                 for s in range(0, len(ray), FIELD_CHUNK)
             ]) if len(ray) else torch.zeros(0, 3, device=origins.device)
             return self._finish(composite(ray, sigma, rgb, t, dt, n), n, origins.device, background)
-        if prune and len(ray):
+        if len(ray):  # drop samples hidden behind opaque ones before the (costly) pass with gradients
             with torch.no_grad():
                 keep = early_stop(ray, self._density_chunked(origins[ray] + t[:, None] * dirs[ray])[0], dt, n)
             ray, t, dt = ray[keep], t[keep], dt[keep]
@@ -172,9 +172,8 @@ class Teacher(nn.Module):
         """Density [S] (and geometry features [S, G]) at world points, FIELD_CHUNK points at a time."""
         sigmas, feats = [], []
         for s in range(0, len(x), FIELD_CHUNK):
-            u = self.field.normalize(x[s : s + FIELD_CHUNK])
-            sigma, geo = self.field.density_unit(u.clamp(0, 1))
-            sigmas.append(sigma * ((u >= 0) & (u <= 1)).all(-1))
+            sigma, geo = self.field.density_and_features(x[s : s + FIELD_CHUNK])
+            sigmas.append(sigma)
             if with_features:
                 feats.append(geo)
         if not sigmas:
@@ -190,7 +189,7 @@ class Teacher(nn.Module):
 
     @torch.no_grad()
     def render(
-        self, c2w: Tensor, fx: Any, fy: Any, cx: Any, cy: Any, width: int, height: int, chunk: int = 1 << 14,
+        self, c2w: Tensor, fx: Any, fy: Any, cx: Any, cy: Any, width: int, height: int, chunk: int = 1 << 16,
         background: tuple[float, float, float] | None = None,
     ) -> dict[str, Tensor]:
         """Render B cameras (OpenGL c2w [B, 4, 4]; intrinsics scalars or [B]) at width x height.

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mg3d.imageio import shrink
 from mg3d.scene import Scene
 from mg3d.teacher.model import Teacher, TeacherError, candidate_budget, load_tensors
 from mg3d.teacher.rendering import camera_rays, grid_threshold
@@ -36,15 +37,7 @@ class Views:
 
 def load_views(scene: Scene, indices: np.ndarray, downscale: int, device: torch.device) -> Views:
     """Read the chosen images (shrunk by ``downscale``) and their cameras onto ``device``."""
-    from PIL import Image
-
-    arrays = []
-    for i in indices:
-        img = scene.image(int(i))
-        if downscale > 1:
-            h, w = img.shape[:2]
-            img = np.asarray(Image.fromarray(img).resize((max(1, w // downscale), max(1, h // downscale)), Image.Resampling.BOX))
-        arrays.append(img)
+    arrays = [shrink(scene.image(int(i)), downscale) for i in indices]
     channels = max(a.shape[2] for a in arrays)
     hmax, wmax = max(a.shape[0] for a in arrays), max(a.shape[1] for a in arrays)
     images = np.zeros((len(arrays), hmax, wmax, channels), np.uint8)
