@@ -136,8 +136,9 @@ def test_rerun_is_up_to_date(learned: tuple[Path, str], cli) -> None:
 
 
 # ---- interruption, divergence, corrupt files ------------------------------------------------------------
-def test_interrupted_training_resumes(ws: Path, cli, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupted_training_resumes(ws: Path, cli, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     args = ("teacher", ws, *SHORT, "--steps", "60", "--checkpoint-every", "20")
+    straight = Path(shutil.copytree(ws, tmp_path / "straight"))
     with monkeypatch.context() as patch:
         _interrupt_at(patch, 40)
         result = cli(*args)
@@ -154,6 +155,12 @@ def test_interrupted_training_resumes(ws: Path, cli, monkeypatch: pytest.MonkeyP
     metrics = read_manifest(ws, "teacher")["metrics"]
     assert metrics["resumed_from_step"] == 40 and metrics["steps"] == 60
     assert not partial.exists() and not list((ws / "teacher").glob("checkpoint*"))
+
+    # no worse than the same run without the interruption (the checkpoint also keeps the random streams)
+    assert cli("teacher", straight, *SHORT, "--steps", "60", "--checkpoint-every", "20").exit_code == 0
+    reference = read_manifest(straight, "teacher")["metrics"]
+    assert metrics["psnr"] >= reference["psnr"] - 0.05, (metrics["psnr"], reference["psnr"])
+    assert metrics["final_loss"] == pytest.approx(reference["final_loss"], rel=0.05)
 
 
 def test_force_starts_over_instead_of_resuming(ws: Path, cli, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -186,6 +193,21 @@ def test_divergence_stops_with_one_line_and_keeps_the_good_checkpoint(ws: Path, 
     meta = json.loads((ws / ".teacher.partial" / "checkpoint.json").read_text())
     assert meta["step"] == 16  # the checkpoint before the NaNs, not a poisoned one
     assert not (ws / "teacher" / "manifest.json").exists()
+
+
+def test_out_of_memory_names_the_setting_to_lower(ws: Path, cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from mg3d.teacher.model import Teacher
+
+    def exhausted(self, *args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(Teacher, "render_rays", exhausted)
+    result = cli("teacher", ws, *SHORT, "--steps", "20")
+    assert result.exit_code == 1
+    _one_line_error(result, "ran out of memory", "step 0", "--target-samples")
+    assert not (ws / "teacher").exists()
 
 
 def test_corrupt_checkpoint_is_a_one_line_error(ws: Path, cli, monkeypatch: pytest.MonkeyPatch) -> None:

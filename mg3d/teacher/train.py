@@ -85,6 +85,10 @@ def save_checkpoint(folder: Path, model: Teacher, optimizer: torch.optim.Optimiz
     for idx, state in optimizer.state_dict()["state"].items():
         for name, value in state.items():
             tensors[f"optim.{idx}.{name}"] = torch.as_tensor(value).detach().contiguous().cpu()
+    # the random streams too, so that a resumed run draws the same rays as an uninterrupted one
+    tensors["rng.cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
     tmp = folder / (CHECKPOINT + ".tmp")
     save_file(tensors, str(tmp))
     os.replace(tmp, folder / CHECKPOINT)
@@ -117,6 +121,10 @@ def load_checkpoint(folder: Path, model: Teacher, optimizer: torch.optim.Optimiz
             _, idx, field = name.split(".", 2)
             state.setdefault(int(idx), {})[field] = value.to(device) if value.dim() else value
     optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+    if "rng.cpu" in tensors:
+        torch.set_rng_state(tensors["rng.cpu"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
     return meta
 
 
