@@ -174,6 +174,94 @@ def teacher(ctx: click.Context, workspace: Path, preset: str | None, config_file
             console.print(f"renders: {renders}")
 
 
+_DISTILL_OPTIONS = ["views", "resolution", "trajectory", "jitter", "shard_size", "dtype", "chunk", "device", "seed"]
+
+
+@main.command()
+@click.argument("workspace", type=click.Path(path_type=Path))
+@click.option("--views", type=click.IntRange(min=1), help="Pseudo views to render (MobileR2L: 10000) [default: 10000].")
+@click.option("--resolution", type=click.IntRange(min=0), help="Long side of the pseudo views in pixels, rounded to a multiple of 16; 0: the teacher's training size [default: 0].")
+@click.option("--trajectory", type=click.Choice(["auto", "orbit", "path"]), help="Camera distribution: orbit (object-centric), path (hand-held / forward-facing), auto: detect [default: auto].")
+@click.option("--jitter", type=click.FloatRange(min=0), help="Path cameras: perturbation as a fraction of the training cameras' spacing [default: 0.5].")
+@click.option("--shard-size", type=click.IntRange(min=1), help="Views per shard file [default: 500].")
+@click.option("--dtype", type=click.Choice(["uint8", "float16"]), help="Storage of the pseudo images [default: uint8].")
+@click.option("--chunk", type=click.IntRange(min=1), help="Rays per teacher render chunk; lower it to save memory [default: 65536].")
+@click.option("--device", type=str, help="Torch device: auto, cpu, cuda, cuda:1 ... [default: auto].")
+@click.option("--seed", type=int, help="Random seed of the cameras [default: 0].")
+@click.option("--preset", type=click.Choice(["tiny", "default", "quality"]), help="Preset of option values (configs/<name>.yaml).")
+@click.option("--config", "config_file", type=click.Path(path_type=Path), help="YAML/JSON file with a 'distill:' section; command-line options win.")
+@click.option("--force", is_flag=True, help="Redo the stage even if it is up to date.")
+@click.pass_context
+def distill(ctx: click.Context, workspace: Path, preset: str | None, config_file: Path | None, force: bool, **_: Any) -> None:
+    """Render pseudo views with the teacher in WORKSPACE for the student to learn from.
+
+    Cameras are drawn like the training cameras (around the centre for object-centric captures, along
+    and near the path for hand-held ones). Writes WORKSPACE/distill/: image shards, cameras, a preview.
+    An interrupted run keeps its finished shards.
+    """
+    from mg3d.config import resolve_config
+    from mg3d.student.distill import DistillConfig, run
+    from mg3d.workspace import Workspace
+
+    config = resolve_config(DistillConfig, "distill", preset, config_file, _overrides(ctx, _DISTILL_OPTIONS))
+    result = run(Workspace(workspace), config, force=force)
+    if not result.skipped:
+        _print_stage_summary(workspace, "distill", result.manifest)
+
+
+_STUDENT_OPTIONS = [
+    "depth", "width", "samples", "frequencies", "sr_factor", "upsample", "resolution", "steps", "max_time_s", "batch", "lr",
+    "weight_decay", "warmup", "finetune_fraction", "finetune_real", "mixed_precision", "checkpoint_every", "eval_views",
+    "save_views", "preload_gb", "device", "seed", "compile",
+]
+
+
+@main.command()
+@click.argument("workspace", type=click.Path(path_type=Path))
+@click.option("--depth", type=click.IntRange(min=1), help="Residual blocks (MobileR2L: 28) [default: 28].")
+@click.option("--width", type=click.IntRange(min=1), help="Channels of the blocks (MobileR2L: 256) [default: 256].")
+@click.option("--samples", type=click.IntRange(min=1), help="Points per ray [default: 8].")
+@click.option("--frequencies", type=click.IntRange(min=0), help="Positional-encoding frequencies [default: 6].")
+@click.option("--sr-factor", type=click.IntRange(min=1), help="Super-resolution factor, a power of two [default: 8].")
+@click.option("--upsample", type=click.Choice(["shuffle", "transpose"]), help="Upsampling: shuffle (depth-to-space, NNAPI-friendly) or transpose (MobileR2L) [default: shuffle].")
+@click.option("--resolution", type=str, help="Output size: a long side (400) or WIDTHxHEIGHT (400x300); empty: the pseudo views' size [default: ''].")
+@click.option("--steps", type=click.IntRange(min=1), help="Training steps [default: 20000].")
+@click.option("--max-time-s", type=click.FloatRange(min=0), help="Stop training after this many seconds; 0: no limit [default: 0].")
+@click.option("--batch", type=click.IntRange(min=1), help="Images per step (per process under torchrun) [default: 8].")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="AdamW learning rate [default: 0.001].")
+@click.option("--weight-decay", type=click.FloatRange(min=0), help="AdamW weight decay [default: 0].")
+@click.option("--warmup", type=click.IntRange(min=0), help="Linear warm-up steps before the cosine decay [default: 500].")
+@click.option("--finetune-fraction", type=click.FloatRange(0, 1), help="Last part of training that mixes in the real training images; 0: none [default: 0.1].")
+@click.option("--finetune-real", type=click.FloatRange(0, 1), help="Share of each batch that is real images in that part [default: 0.5].")
+@click.option("--mixed-precision/--no-mixed-precision", default=None, help="bf16 autocast and channels-last on CUDA [default: on].")
+@click.option("--checkpoint-every", type=click.IntRange(min=1), help="Save a checkpoint to resume from every this many steps [default: 1000].")
+@click.option("--eval-views", type=click.IntRange(min=0), help="Held-out views to evaluate; 0: all [default: 0].")
+@click.option("--save-views", type=click.IntRange(min=0), help="Side-by-side pictures (truth | teacher | student) to write [default: 4].")
+@click.option("--preload-gb", type=click.FloatRange(min=0), help="Keep the pseudo views on the training device when smaller than this [default: 8].")
+@click.option("--compile", type=click.Choice(["auto", "on", "off"]), help="torch.compile the network for training; auto: on CUDA. About 5% faster on an H100 after ~40 s of compiling [default: off].")
+@click.option("--device", type=str, help="Torch device: auto, cpu, cuda, cuda:1 ... [default: auto].")
+@click.option("--seed", type=int, help="Random seed [default: 0].")
+@click.option("--preset", type=click.Choice(["tiny", "default", "quality"]), help="Preset of option values (configs/<name>.yaml).")
+@click.option("--config", "config_file", type=click.Path(path_type=Path), help="YAML/JSON file with a 'student:' section; command-line options win.")
+@click.option("--force", is_flag=True, help="Redo the stage even if it is up to date (and drop its checkpoint).")
+@click.pass_context
+def student(ctx: click.Context, workspace: Path, preset: str | None, config_file: Path | None, force: bool, **_: Any) -> None:
+    """Train the mobile student (a neural light field) on the pseudo views in WORKSPACE.
+
+    Writes WORKSPACE/student/: weights, pictures of held-out views (truth | teacher | student) and
+    PSNR/SSIM against the truth and the teacher. Resumes from its last checkpoint when run again.
+    Several GPUs: torchrun --nproc_per_node N -m mg3d student WORKSPACE.
+    """
+    from mg3d.config import resolve_config
+    from mg3d.student import StudentConfig, run
+    from mg3d.workspace import Workspace
+
+    config = resolve_config(StudentConfig, "student", preset, config_file, _overrides(ctx, _STUDENT_OPTIONS))
+    result = run(Workspace(workspace), config, force=force)
+    if not result.skipped and result.manifest:
+        _print_stage_summary(workspace, "student", result.manifest)
+
+
 def _print_stage_summary(out: Path, stage: str, manifest: dict[str, Any]) -> None:
     from mg3d.ui import console
 
@@ -212,11 +300,17 @@ def _headline(stage: str, m: dict[str, Any]) -> str:
         parts.append(f"{m['mean_reprojection_error_px']:.2f} px reproj.")
     if "imported_format" in m:
         parts.append(f"from {m['imported_format']}")
-    if stage == "teacher" and "steps" in m:
+    if stage in ("teacher", "student") and "steps" in m:
         parts.append(f"{m['steps']} steps")
+    if stage == "distill" and "views" in m:
+        parts.append(f"{m['views']} views of {_fmt(m.get('resolution'))} ({m.get('kind')})")
+    if stage == "student" and "size_mb_fp16" in m:
+        parts.append(f"{m['depth']}x{m['width']}, {m['size_mb_fp16']} MB fp16")
     for key in ("psnr", "ssim"):
         if key in m:
             parts.append(f"{key.upper()} {_fmt(m[key])}")
+    if "psnr_gap_to_teacher" in m:
+        parts.append(f"{_fmt(m['psnr_gap_to_teacher'])} dB below the teacher")
     return ", ".join(parts)
 
 

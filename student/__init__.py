@@ -1,2 +1,154 @@
-"""``mg3d.student``: the mobile neural light field (NeLF) student, its ray sampling and encoding, pseudo data
-from the teacher and student training. Imported only by the stages that use it (it needs torch)."""
+"""Student: a mobile neural light field (MobileR2L class) distilled from the teacher.
+
+``mg3d distill WS`` renders pseudo views with the teacher (:mod:`mg3d.student.distill`); ``mg3d student WS``
+trains the NeLF (:mod:`mg3d.student.model`) on them, fine-tunes on the real training images, and evaluates
+it on the held-out views against the ground truth and against the teacher. Writes ``WS/student/``::
+
+    student.safetensors   weights                          student.json   the spec (size, intrinsics, ...)
+    renders/test_*.png    truth | teacher | student        manifest.json  config, metrics
+
+Multi-GPU: ``torchrun --nproc_per_node N -m mg3d student WS`` (DDP; gloo on CPU, NCCL on GPUs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from mg3d.config import config_to_dict
+from mg3d.errors import ConfigError
+from mg3d.workspace import Workspace, sha256_file
+
+STAGE = "student"
+#: Options that change how long or how often, not what is learned: a run with other values resumes.
+_SCHEDULE_ONLY = ("steps", "max_time_s", "checkpoint_every", "eval_views", "save_views", "preload_gb", "lr", "warmup", "finetune_fraction")
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    """Options of ``mg3d student`` (each is a CLI option of the same name)."""
+
+    depth: int = 28  # residual blocks (MobileR2L: 28)
+    width: int = 256  # channels (MobileR2L: 256)
+    samples: int = 8  # points per ray
+    frequencies: int = 6  # positional-encoding frequencies
+    sr_factor: int = 8  # super-resolution factor
+    upsample: str = "shuffle"  # shuffle (depth-to-space; NNAPI-friendly) or transpose (MobileR2L)
+    resolution: str = ""  # output size: "" (the pseudo data's), "400" (long side) or "400x300"
+    steps: int = 20000
+    max_time_s: float = 0.0  # stop after this many seconds of training (0: no limit)
+    batch: int = 8  # images per step (per process under torchrun)
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup: int = 500  # linear warm-up steps, then cosine decay to 1% of lr
+    finetune_fraction: float = 0.1  # the last part of training mixes in the real training images
+    finetune_real: float = 0.5  # share of each batch that is real images during that part
+    mixed_precision: bool = True  # bf16 autocast and channels-last on CUDA
+    compile: str = "off"  # torch.compile the network for training: on, off, auto (on CUDA); ~5% faster after ~40 s of compiling
+    checkpoint_every: int = 1000
+    eval_views: int = 0  # held-out views to evaluate (0: all)
+    save_views: int = 4  # side-by-side PNGs to write
+    preload_gb: float = 8.0  # keep the pseudo data on the training device when it is smaller than this
+    device: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("depth", "width", "samples", "sr_factor", "steps", "batch", "checkpoint_every"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive")
+        for name in ("frequencies", "max_time_s", "weight_decay", "warmup", "eval_views", "save_views", "preload_gb"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must not be negative")
+        if self.compile not in ("auto", "on", "off"):
+            raise ConfigError(f"compile {self.compile!r} is unknown", hint="use auto, on or off")
+        if self.upsample not in ("shuffle", "transpose"):
+            raise ConfigError(f"upsample {self.upsample!r} is unknown", hint="use shuffle or transpose")
+        if not 0 <= self.finetune_fraction <= 1 or not 0 <= self.finetune_real <= 1:
+            raise ConfigError("finetune_fraction and finetune_real must be between 0 and 1")
+        if not self.lr > 0:
+            raise ConfigError("lr must be positive")
+        parse_resolution(self.resolution)
+
+
+@dataclass
+class StudentResult:
+    manifest: dict[str, Any]
+    skipped: bool
+
+
+def parse_resolution(text: str) -> tuple[int, int] | int | None:
+    """"" -> None, "400" -> 400 (long side), "400x300" -> (400, 300)."""
+    text = str(text).strip().lower()
+    if not text:
+        return None
+    try:
+        if "x" in text:
+            w, h = (int(v) for v in text.split("x"))
+            if w > 0 and h > 0:
+                return w, h
+        elif int(text) > 0:
+            return int(text)
+    except ValueError:
+        pass
+    raise ConfigError(f"resolution {text!r} is not understood", hint="use a long side such as 400, or WIDTHxHEIGHT such as 400x300")
+
+
+def output_size(resolution: str, data_width: int, data_height: int, sr_factor: int) -> tuple[int, int]:
+    """The student's output size: the pseudo data's, a long side (short side rounded to a multiple of
+    ``sr_factor``) or an exact ``WxH`` (which must be divisible by it)."""
+    from mg3d.student.model import check_resolution
+
+    parsed = parse_resolution(resolution)
+    if parsed is None:
+        w, h = data_width, data_height
+    elif isinstance(parsed, int):
+        scale = parsed / max(data_width, data_height)
+        w, h = (parsed, round(data_height * scale / sr_factor) * sr_factor) if data_width >= data_height else (round(data_width * scale / sr_factor) * sr_factor, parsed)
+    else:
+        w, h = parsed
+    check_resolution(int(w), int(h), sr_factor)
+    return int(w), int(h)
+
+
+def run(workspace: Workspace, config: StudentConfig, force: bool = False) -> StudentResult:
+    """Train the student on ``WS/distill`` (+ the real training images) and evaluate it."""
+    from mg3d.student.train import distributed, train_stage
+    from mg3d.ui import console
+
+    folder = workspace.require("distill", how=f"run mg3d distill {workspace.root} first (it needs a trained teacher: mg3d teacher {workspace.root})")
+    inputs = {
+        "distill": {"path": str(folder / "manifest.json"), "sha256": sha256_file(folder / "manifest.json")},
+    }
+    config_dict = config_to_dict(config)
+    rank, world = distributed()
+    if not force and workspace.is_up_to_date(STAGE, config_dict, inputs):
+        if rank == 0:
+            console.print(f"student in {workspace.root} is up to date (use --force to redo it)")
+        return StudentResult(workspace.manifest(STAGE) or {}, skipped=True)
+    _check_size(folder, config)  # a bad --resolution fails before anything is written
+    key_fields = {k: v for k, v in config_dict.items() if k not in _SCHEDULE_ONLY}
+    key = hashlib.sha256(json.dumps([key_fields, inputs, world], sort_keys=True).encode()).hexdigest()[:16]
+    if force and rank == 0:
+        import shutil
+
+        shutil.rmtree(workspace.root / f".{STAGE}.partial", ignore_errors=True)
+    if rank != 0:  # other processes train; rank 0 owns the workspace
+        train_stage(workspace, config, workspace.root / f".{STAGE}.partial", key, None)
+        return StudentResult({}, skipped=False)
+    with workspace.begin(STAGE, config_dict, inputs, resumable=True) as run_:
+        run_.metrics.update(train_stage(workspace, config, run_.path, key, run_))
+        run_.outputs.update({"weights": "student.safetensors", "spec": "student.json"})
+    return StudentResult(run_.manifest, skipped=False)
+
+
+def _check_size(folder: Any, config: StudentConfig) -> None:
+    from mg3d.student.model import StudentError
+
+    try:
+        meta = json.loads((folder / "distill.json").read_text())
+        width, height = int(meta["width"]), int(meta["height"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise StudentError(f"the pseudo data in {folder} is unreadable ({exc.__class__.__name__})", hint="redo it with mg3d distill WS --force") from None
+    output_size(config.resolution, width, height, config.sr_factor)

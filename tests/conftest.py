@@ -81,5 +81,45 @@ def tiny_demo_capture(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return ws
 
 
+@pytest.fixture(scope="session")
+def tiny_demo_teacher(tiny_demo_capture: Path) -> tuple[Path, str]:
+    """A copy of the tiny demo capture with the tiny teacher trained on it (about a minute on 2 cores), once
+    per session, and the command's output. Tests must leave it as it is; later stages work on copies."""
+    import shutil
+
+    from mg3d.cli import main
+
+    ws = tiny_demo_capture.parent / "learned"
+    shutil.copytree(tiny_demo_capture, ws)
+    result = CliRunner().invoke(main, ["teacher", str(ws), "--preset", "tiny"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return ws, result.output
+
+
 def read_manifest(ws: Path, stage: str = "capture") -> dict:
     return json.loads((ws / stage / "manifest.json").read_text())
+
+
+def one_line_error(result: Result, *needles: str) -> str:
+    """The single ``error: ...`` line of a failed command (no traceback), containing every needle."""
+    lines = [line for line in result.output.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.output
+    assert "Traceback" not in result.output
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def interrupt_at(monkeypatch: pytest.MonkeyPatch, module_name: str, at_step: int) -> None:
+    """Make training in ``module_name`` stop like Ctrl-C right after it saved the checkpoint of ``at_step``."""
+    import importlib
+
+    module = importlib.import_module(module_name)
+    real = module.save_checkpoint
+
+    def save_then_interrupt(folder, model, optimizer, meta):
+        real(folder, model, optimizer, meta)
+        if meta["step"] == at_step:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, "save_checkpoint", save_then_interrupt)

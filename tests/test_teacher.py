@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import read_manifest
+from conftest import interrupt_at, one_line_error, read_manifest
 
 #: Mechanics tests: the tiny preset, evaluated on one small view (they check behaviour, not quality).
 SHORT = ("--preset", "tiny", "--downscale", "4", "--eval-views", "1", "--save-views", "1", "--chunk", "2048")
@@ -26,46 +26,15 @@ def captured(tiny_demo_capture: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def learned(captured: Path) -> tuple[Path, str]:
-    """A copy of the capture with the tiny teacher trained on it (about a minute on 2 cores)."""
-    from click.testing import CliRunner
-
-    from mg3d.cli import main
-
-    ws = captured.parent / "learned"
-    shutil.copytree(captured, ws)
-    result = CliRunner().invoke(main, ["teacher", str(ws), "--preset", "tiny"], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return ws, result.output
+def learned(tiny_demo_teacher: tuple[Path, str]) -> tuple[Path, str]:
+    """The capture with the tiny teacher trained on it (conftest), and the command's output."""
+    return tiny_demo_teacher
 
 
 @pytest.fixture
 def ws(captured: Path, tmp_path: Path) -> Path:
     """A fresh copy of the captured demo with no teacher."""
     return Path(shutil.copytree(captured, tmp_path / "ws"))
-
-
-def _one_line_error(result, *needles: str) -> str:
-    lines = [line for line in result.output.strip().splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, result.output
-    assert "Traceback" not in result.output
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
-
-
-def _interrupt_at(monkeypatch: pytest.MonkeyPatch, at_step: int) -> None:
-    """Make training stop like Ctrl-C right after it saved the checkpoint of ``at_step``."""
-    import mg3d.teacher.train as train_mod
-
-    real = train_mod.save_checkpoint
-
-    def save_then_interrupt(folder, model, optimizer, meta):
-        real(folder, model, optimizer, meta)
-        if meta["step"] == at_step:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_mod, "save_checkpoint", save_then_interrupt)
 
 
 # ---- learning -----------------------------------------------------------------------------------------
@@ -140,7 +109,7 @@ def test_interrupted_training_resumes(ws: Path, cli, monkeypatch: pytest.MonkeyP
     args = ("teacher", ws, *SHORT, "--steps", "60", "--checkpoint-every", "20")
     straight = Path(shutil.copytree(ws, tmp_path / "straight"))
     with monkeypatch.context() as patch:
-        _interrupt_at(patch, 40)
+        interrupt_at(patch, "mg3d.teacher.train", 40)
         result = cli(*args)
     assert result.exit_code == 130, result.output
     assert "interrupted" in result.output
@@ -166,7 +135,7 @@ def test_interrupted_training_resumes(ws: Path, cli, monkeypatch: pytest.MonkeyP
 def test_force_starts_over_instead_of_resuming(ws: Path, cli, monkeypatch: pytest.MonkeyPatch) -> None:
     args = ("teacher", ws, *SHORT, "--steps", "40", "--checkpoint-every", "20")
     with monkeypatch.context() as patch:
-        _interrupt_at(patch, 20)
+        interrupt_at(patch, "mg3d.teacher.train", 20)
         assert cli(*args).exit_code == 130
     result = cli(*args, "--force")
     assert result.exit_code == 0, result.output
@@ -188,7 +157,7 @@ def test_divergence_stops_with_one_line_and_keeps_the_good_checkpoint(ws: Path, 
     monkeypatch.setattr(Teacher, "render_rays", poisoned)
     result = cli("teacher", ws, *SHORT, "--steps", "60", "--checkpoint-every", "16")
     assert result.exit_code == 1
-    line = _one_line_error(result, "diverged", "step 32", "--lr")
+    line = one_line_error(result, "diverged", "step 32", "--lr")
     assert "step 16" in line  # the last good checkpoint is named
     meta = json.loads((ws / ".teacher.partial" / "checkpoint.json").read_text())
     assert meta["step"] == 16  # the checkpoint before the NaNs, not a poisoned one
@@ -206,14 +175,14 @@ def test_out_of_memory_names_the_setting_to_lower(ws: Path, cli, monkeypatch: py
     monkeypatch.setattr(Teacher, "render_rays", exhausted)
     result = cli("teacher", ws, *SHORT, "--steps", "20")
     assert result.exit_code == 1
-    _one_line_error(result, "ran out of memory", "step 0", "--target-samples")
+    one_line_error(result, "ran out of memory", "step 0", "--target-samples")
     assert not (ws / "teacher").exists()
 
 
-def test_corrupt_checkpoint_is_a_one_line_error(ws: Path, cli, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_corrupt_checkpoint_is_aone_line_error(ws: Path, cli, monkeypatch: pytest.MonkeyPatch) -> None:
     args = ("teacher", ws, *SHORT, "--steps", "40", "--checkpoint-every", "20")
     with monkeypatch.context() as patch:
-        _interrupt_at(patch, 20)
+        interrupt_at(patch, "mg3d.teacher.train", 20)
         assert cli(*args).exit_code == 130
     partial = ws / ".teacher.partial"
     meta = json.loads((partial / "checkpoint.json").read_text())
@@ -221,11 +190,11 @@ def test_corrupt_checkpoint_is_a_one_line_error(ws: Path, cli, monkeypatch: pyte
     (partial / "checkpoint.safetensors").write_bytes(np.random.default_rng(0).bytes(4096))
     result = cli(*args)
     assert result.exit_code == 1
-    _one_line_error(result, "corrupt", "checkpoint.safetensors")
+    one_line_error(result, "corrupt", "checkpoint.safetensors")
     assert not (ws / "teacher" / "manifest.json").exists()
     # a broken checkpoint.json is reported the same way
     (partial / "checkpoint.json").write_text("{not json")
-    _one_line_error(cli(*args), "corrupt", "checkpoint.json")
+    one_line_error(cli(*args), "corrupt", "checkpoint.json")
 
 
 def test_corrupt_teacher_weights_raise_teacher_error(tmp_path: Path) -> None:
@@ -256,10 +225,10 @@ def test_workspace_without_capture(tmp_path: Path, cli) -> None:
     empty.mkdir()
     result = cli("teacher", empty)
     assert result.exit_code == 1
-    _one_line_error(result, "no finished capture stage", "mg3d capture")
+    one_line_error(result, "no finished capture stage", "mg3d capture")
     assert not any(empty.iterdir())
     missing = tmp_path / "missing"
-    _one_line_error(cli("teacher", missing), "does not exist", "mg3d capture")
+    one_line_error(cli("teacher", missing), "does not exist", "mg3d capture")
     assert not missing.exists()
 
 
@@ -282,7 +251,7 @@ def test_capture_without_training_images(tmp_path: Path, cli) -> None:
     assert cli("capture", data, "--out", ws).exit_code == 0
     result = cli("teacher", ws, "--preset", "tiny")
     assert result.exit_code == 1
-    _one_line_error(result, "no training images")
+    one_line_error(result, "no training images")
     assert not (ws / "teacher").exists()
 
 
@@ -293,7 +262,7 @@ def test_cuda_requested_without_a_gpu(ws: Path, cli) -> None:
         pytest.skip("a CUDA GPU is visible")
     result = cli("teacher", ws, *SHORT, "--steps", "4", "--device", "cuda")
     assert result.exit_code == 1
-    _one_line_error(result, "no CUDA GPU is visible", "--device cpu")
+    one_line_error(result, "no CUDA GPU is visible", "--device cpu")
     assert not (ws / "teacher").exists()
 
 

@@ -132,7 +132,8 @@ def _train_and_evaluate(scene: Any, train_idx: Any, eval_split: str | None, conf
 
     from mg3d.teacher.evaluate import evaluate
     from mg3d.teacher.model import ModelSpec, Teacher
-    from mg3d.teacher.train import CHECKPOINT, CHECKPOINT_META, load_views, train
+    from mg3d.checkpoint import CHECKPOINT, CHECKPOINT_META
+    from mg3d.teacher.train import load_views, train
     from mg3d.ui import console, progress
 
     torch.manual_seed(config.seed)

@@ -254,13 +254,7 @@ class Teacher(nn.Module):
 
 
 def load_tensors(path: Path) -> dict[str, Tensor]:
-    """Read a safetensors file, turning any failure into a TeacherError (never a pickle traceback)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    """Read a safetensors file; any failure is a TeacherError (never a pickle traceback)."""
+    from mg3d.checkpoint import load_tensors as load
 
-    try:
-        return load_file(str(path))
-    except FileNotFoundError:
-        raise TeacherError(f"{path} does not exist") from None
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise TeacherError(f"checkpoint {path} is corrupt ({exc})", hint="delete it, or redo the stage with --force") from None
+    return load(path, TeacherError)

@@ -3,9 +3,7 @@ that a later run resumes from, and clear stops on divergence or out-of-memory.""
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,11 +15,10 @@ from torch import Tensor
 
 from mg3d.imageio import shrink
 from mg3d.scene import Scene
-from mg3d.teacher.model import Teacher, TeacherError, candidate_budget, load_tensors
+from mg3d.checkpoint import check_finite, load_checkpoint, save_checkpoint
+from mg3d.teacher.model import Teacher, TeacherError, candidate_budget
 from mg3d.teacher.rendering import camera_rays, grid_threshold
 
-CHECKPOINT = "checkpoint.safetensors"
-CHECKPOINT_META = "checkpoint.json"
 
 
 @dataclass
@@ -77,62 +74,11 @@ def make_optimizer(model: Teacher, lr: float) -> torch.optim.Optimizer:
     return torch.optim.Adam(groups, betas=(0.9, 0.99), eps=1e-15)
 
 
-def save_checkpoint(folder: Path, model: Teacher, optimizer: torch.optim.Optimizer, meta: dict[str, Any]) -> None:
-    """Model, optimizer state and progress, written to temporary names and renamed (never half-written)."""
-    from safetensors.torch import save_file
-
-    tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    for idx, state in optimizer.state_dict()["state"].items():
-        for name, value in state.items():
-            tensors[f"optim.{idx}.{name}"] = torch.as_tensor(value).detach().contiguous().cpu()
-    # the random streams too, so that a resumed run draws the same rays as an uninterrupted one
-    tensors["rng.cpu"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    tmp = folder / (CHECKPOINT + ".tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, folder / CHECKPOINT)
-    (folder / (CHECKPOINT_META + ".tmp")).write_text(json.dumps(meta, indent=1))
-    os.replace(folder / (CHECKPOINT_META + ".tmp"), folder / CHECKPOINT_META)
-
-
-def load_checkpoint(folder: Path, model: Teacher, optimizer: torch.optim.Optimizer, key: str) -> dict[str, Any] | None:
-    """Restore a checkpoint made with the same ``key`` (config and inputs); None when there is none."""
-    meta_path = folder / CHECKPOINT_META
-    if not meta_path.is_file() or not (folder / CHECKPOINT).is_file():
-        return None
-    try:
-        meta = json.loads(meta_path.read_text())
-        if not isinstance(meta, dict) or not all(k in meta for k in ("key", "step", "elapsed_s", "rays")):
-            raise ValueError
-    except ValueError:  # also JSONDecodeError and UnicodeDecodeError
-        raise TeacherError(f"checkpoint {meta_path} is corrupt", hint="delete it, or run with --force to start over") from None
-    if meta.get("key") != key:
-        return None
-    tensors = load_tensors(folder / CHECKPOINT)
-    device = next(model.parameters()).device
-    try:
-        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    except RuntimeError as exc:
-        raise TeacherError(f"checkpoint {folder / CHECKPOINT} does not fit this model ({str(exc)[:80]})", hint="run with --force") from None
-    state: dict[int, dict[str, Tensor]] = {}
-    for name, value in tensors.items():
-        if name.startswith("optim."):
-            _, idx, field = name.split(".", 2)
-            state.setdefault(int(idx), {})[field] = value.to(device) if value.dim() else value
-    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
-    if "rng.cpu" in tensors:
-        torch.set_rng_state(tensors["rng.cpu"])
-    if "rng.cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
-    return meta
-
-
 def train(model: Teacher, views: Views, config: Any, folder: Path, key: str, progress: Any) -> dict[str, Any]:
     """Train ``model`` in place; checkpoints go to ``folder``. Returns training metrics."""
     device = views.images.device
     optimizer = make_optimizer(model, config.lr)
-    meta = load_checkpoint(folder, model, optimizer, key)
+    meta = load_checkpoint(folder, model, optimizer, key, TeacherError, required=("key", "step", "elapsed_s", "rays"))
     step, elapsed, rays = (meta["step"], meta["elapsed_s"], meta["rays"]) if meta else (0, 0.0, config.rays)
     last_good = step
     threshold = grid_threshold(model.spec.dt_min)
@@ -187,11 +133,7 @@ def train(model: Teacher, views: Views, config: Any, folder: Path, key: str, pro
             rays = int(min(max(rays * config.target_samples / max(samples, 1), 64), max_rays))
         if step % 16 == 0 or step == config.steps or step % config.checkpoint_every == 0:
             loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise TeacherError(
-                    f"training diverged: the loss became {loss_value} at step {step}",
-                    hint=f"the last good checkpoint (step {last_good}) is kept; lower --lr (now {config.lr}) and run again to resume from it",
-                )
+            check_finite(loss_value, step, last_good, config.lr, TeacherError)
             progress.update(task, completed=step, loss=loss_value, psnr=-10 * math.log10(max(loss_value, 1e-10)))
         if step % config.checkpoint_every == 0 and step < config.steps:
             save_checkpoint(folder, model, optimizer, {"key": key, "step": step, "elapsed_s": time.perf_counter() - t_start, "rays": rays})

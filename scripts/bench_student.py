@@ -1,0 +1,152 @@
+"""Benchmark distillation: teacher -> pseudo views -> student, quality on the held-out views, and render
+speed of student vs teacher measured side by side (same cameras, same resolution, same device).
+
+Phases run in order on one workspace, so a long job can be split over several calls:
+
+    python scripts/bench_student.py ws --dataset ../shared/data/lego-400 --phases teacher --teacher-time 240
+    python scripts/bench_student.py ws --phases distill --views 2000
+    python scripts/bench_student.py ws --phases student,speed --tag r2l --student-time 480
+    python scripts/bench_student.py ws --phases student,speed --tag small --set depth=8 --set width=64
+
+Writes ``<out>/<phase>[_<tag>].json`` and a few side-by-side PNGs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import yaml
+
+
+def _timed(fn, repeats: int, cuda: bool) -> float:
+    """Median seconds of ``fn()`` over ``repeats`` runs after 3 warm-up runs (CUDA-synchronised)."""
+    import torch
+
+    times = []
+    for k in range(3 + repeats):
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        if k >= 3:
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def speed(ws: Path, student_dir: Path, repeats: int, threads: int) -> dict:
+    """Student vs teacher frame time at the student's resolution on one held-out camera."""
+    import torch
+
+    from mg3d.formats.nerfstudio import load_nerfstudio
+    from mg3d.student.evaluate import camera_at
+    from mg3d.student.model import NeLF
+    from mg3d.teacher.model import Teacher
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    if not cuda and threads:
+        torch.set_num_threads(threads)
+    scene = load_nerfstudio(ws / "capture" / "transforms.json")
+    split = next(s for s in ("test", "val", "train") if len(scene.splits.get(s, [])))
+    i = int(scene.splits[split][0])
+    student = NeLF.load(student_dir, device).eval()
+    w, h = student.spec.width_px, student.spec.height_px
+    c2w, intr = camera_at(scene, i, w, h)
+    teacher = Teacher.load(ws / "teacher", device)
+    if cuda:
+        teacher.compile_encoding()
+    pose = c2w[None].to(device)
+    result = {"resolution": [w, h], "device": torch.cuda.get_device_name() if cuda else f"{platform.processor() or 'cpu'} ({torch.get_num_threads()} threads)"}
+    with torch.no_grad():
+        if cuda:
+            half = NeLF.load(student_dir, device).eval().half().to(memory_format=torch.channels_last)
+            result["student_fp16_ms"] = 1000 * _timed(lambda: half(pose.half()), repeats, cuda)
+            graphed = torch.compile(half, mode="reduce-overhead")  # CUDA graphs: no per-layer launch cost
+            result["student_fp16_cudagraph_ms"] = 1000 * _timed(lambda: graphed(pose.half()), repeats, cuda)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                result["student_bf16_autocast_ms"] = 1000 * _timed(lambda: student(pose), repeats, cuda)
+        result["student_fp32_ms"] = 1000 * _timed(lambda: student(pose), repeats, cuda)
+        result["teacher_ms"] = 1000 * _timed(lambda: teacher.render(pose, *intr, w, h), max(3, repeats // 4), cuda)
+    best = min(v for k, v in result.items() if k.startswith("student_") and k.endswith("_ms"))
+    result["student_fps"] = round(1000 / best, 1)
+    result["teacher_fps"] = round(1000 / result["teacher_ms"], 2)
+    result["speedup"] = round(result["teacher_ms"] / best, 1)
+    return {k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("ws", type=Path, help="workspace folder (made by the teacher phase)")
+    parser.add_argument("--dataset", type=Path, help="dataset to import for the teacher phase")
+    parser.add_argument("--phases", default="teacher,distill,student,speed")
+    parser.add_argument("--teacher-time", type=float, default=240.0)
+    parser.add_argument("--views", type=int, default=2000)
+    parser.add_argument("--student-time", type=float, default=480.0)
+    parser.add_argument("--preset", default="default")
+    parser.add_argument("--tag", default="default")
+    parser.add_argument("--set", action="append", default=[], help="student option KEY=VALUE (YAML value)")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads for the speed phase (0: torch's default)")
+    parser.add_argument("--out", type=Path, default=Path("bench-results"))
+    opts = parser.parse_args()
+
+    from mg3d.config import resolve_config
+    from mg3d.workspace import Workspace
+
+    opts.out.mkdir(parents=True, exist_ok=True)
+    ws = Workspace(opts.ws)
+    phases = opts.phases.split(",")
+    t0 = time.perf_counter()
+
+    def write(name: str, data: dict) -> None:
+        data = {**data, "wall_s": round(time.perf_counter() - t0, 1)}
+        (opts.out / f"{name}.json").write_text(json.dumps(data, indent=1))
+        print(name, json.dumps(data), flush=True)
+
+    if "teacher" in phases:
+        from mg3d.capture import CaptureConfig
+        from mg3d.capture import run as capture
+        from mg3d.teacher import TeacherConfig
+        from mg3d.teacher import run as teach
+
+        if ws.manifest("capture") is None:
+            capture(opts.dataset, CaptureConfig(), ws)
+        config = resolve_config(TeacherConfig, "teacher", opts.preset, overrides={"steps": 100000, "max_time_s": opts.teacher_time})
+        write("teacher", teach(ws, config, force=True).manifest["metrics"])
+    if "distill" in phases:
+        from mg3d.student.distill import DistillConfig
+        from mg3d.student.distill import run as distill
+
+        config = resolve_config(DistillConfig, "distill", opts.preset, overrides={"views": opts.views})
+        write("distill", distill(ws, config, force=True).manifest["metrics"])
+        shutil.copy(opts.ws / "distill" / "preview.png", opts.out / "distill_preview.png")
+    if "student" in phases:
+        from mg3d.student import StudentConfig
+        from mg3d.student import run as teach_student
+
+        overrides = {"steps": 10**7, "max_time_s": opts.student_time}
+        for item in opts.set:
+            key, value = item.split("=", 1)
+            overrides[key] = yaml.safe_load(value)
+        config = resolve_config(StudentConfig, "student", opts.preset, overrides=overrides)
+        metrics = teach_student(ws, config, force=True).manifest["metrics"]
+        keep = opts.ws / f"student_{opts.tag}"
+        shutil.rmtree(keep, ignore_errors=True)
+        shutil.copytree(opts.ws / "student", keep)
+        write(f"student_{opts.tag}", {**metrics, "set": opts.set})
+        for png in sorted((keep / "renders").glob("*.png"))[:2]:
+            shutil.copy(png, opts.out / f"student_{opts.tag}_{png.name}")
+    if "speed" in phases:
+        write(f"speed_{opts.tag}", speed(opts.ws, opts.ws / f"student_{opts.tag}", opts.repeats, opts.threads))
+
+
+if __name__ == "__main__":
+    main()

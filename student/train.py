@@ -1,0 +1,246 @@
+"""Student training: pseudo views (and, at the end, the real training images), AdamW with warm-up + cosine,
+bf16 autocast and channels-last on CUDA, checkpoints that a later run resumes from, DDP under torchrun."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mg3d.checkpoint import CHECKPOINT, CHECKPOINT_META, check_finite, load_checkpoint, save_checkpoint
+from mg3d.scene import Scene
+from mg3d.student.distill import PseudoData
+from mg3d.student.model import NeLF, StudentError, StudentSpec, macs_per_frame, parameter_count
+from mg3d.workspace import Workspace
+
+
+def distributed() -> tuple[int, int]:
+    """(rank, world size) from torchrun's environment; (0, 1) for a plain run."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def setup_device(name: str) -> torch.device:
+    """The training device; under torchrun also joins the process group (NCCL on GPUs, gloo on CPU)."""
+    from mg3d.teacher import _device
+
+    device = _device(name)
+    rank, world = distributed()
+    if world > 1:
+        import torch.distributed as dist
+
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def build_spec(meta: dict[str, Any], config: Any) -> StudentSpec:
+    """The student's spec from the pseudo data's metadata and the options."""
+    from mg3d.student import output_size
+
+    w, h = output_size(config.resolution, meta["width"], meta["height"], config.sr_factor)
+    sx, sy = w / meta["width"], h / meta["height"]
+    unbounded = bool(meta["unbounded"])
+    return StudentSpec(
+        width_px=w, height_px=h, fx=meta["fx"] * sx, fy=meta["fy"] * sy, cx=meta["cx"] * sx, cy=meta["cy"] * sy,
+        near=float(meta["near"]), far=float(meta["far"]), spacing="disparity" if unbounded else "linear",
+        radius=1.0 if unbounded else float(meta["bound"]), samples=config.samples, frequencies=config.frequencies,
+        depth=config.depth, width=config.width, sr_factor=config.sr_factor, upsample=config.upsample,
+    )
+
+
+def real_views(scene: Scene, indices: np.ndarray, width: int, height: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Images [M, H, W, 3] uint8 resized to the student's size, their cameras [M, 4, 4] and intrinsics [M, 4]."""
+    from PIL import Image
+
+    images, intr = [], []
+    for i in indices:
+        rgb = scene.rgb(int(i))
+        if rgb.shape[:2] != (height, width):
+            rgb = np.asarray(Image.fromarray(rgb).resize((width, height), Image.LANCZOS))
+        images.append(rgb)
+        sx, sy = width / scene.width[i], height / scene.height[i]
+        intr.append([scene.fx[i] * sx, scene.fy[i] * sy, scene.cx[i] * sx, scene.cy[i] * sy])
+    return np.stack(images), scene.c2w[indices].astype(np.float32), np.asarray(intr, np.float32)
+
+
+def lr_factor(step: int, progress: float, warmup: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine from 1 to 0.01 over the progress in [0, 1]."""
+    if step < warmup:
+        return 0.01 + 0.99 * step / warmup
+    return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def _as_target(images: Tensor, height: int, width: int) -> Tensor:
+    """[B, H', W', 3] uint8/float16 -> [B, 3, height, width] float in [0, 1] (resized when sizes differ)."""
+    x = images.permute(0, 3, 1, 2).float()
+    if images.dtype == torch.uint8:
+        x = x / 255.0
+    if x.shape[-2:] != (height, width):
+        x = F.interpolate(x, size=(height, width), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
+    return x
+
+
+def train_stage(workspace: Workspace, config: Any, out: Path, key: str, run_: Any) -> dict[str, Any]:
+    """Train (every process), then save and evaluate (rank 0). ``run_`` is None on other ranks."""
+    from mg3d.formats.nerfstudio import load_nerfstudio
+    from mg3d.student.evaluate import evaluate
+    from mg3d.ui import console
+
+    rank, world = distributed()
+    device = setup_device(config.device)
+    torch.manual_seed(config.seed)
+    data = PseudoData(workspace.stage_dir("distill"))
+    spec = build_spec(data.meta, config)
+    if run_ is not None:
+        name = f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "cpu"
+        run_.device = name + (f" x{world} processes" if world > 1 else "")
+    scene = load_nerfstudio(workspace.stage_dir("capture") / "transforms.json")
+    real = real_views(scene, scene.splits["train"], spec.width_px, spec.height_px) if config.finetune_fraction > 0 else None
+    model = NeLF(spec).to(device)
+    try:
+        metrics = train(model, data, real, config, out, key, device, rank, world)
+    except torch.cuda.OutOfMemoryError:
+        raise StudentError(
+            f"the student ({spec.depth} blocks x {spec.width}, {spec.width_px}x{spec.height_px}, batch {config.batch}) does not fit in the GPU's memory",
+            hint=f"lower --batch (now {config.batch}), --width or --resolution",
+        ) from None
+    finally:
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if rank != 0:
+        return metrics
+    model.save(out, extra={"distill": {k: data.meta[k] for k in ("kind", "near", "far", "unbounded", "background")}})
+    for name in (CHECKPOINT, CHECKPOINT_META):
+        (out / name).unlink(missing_ok=True)
+    metrics.update({
+        "parameters": parameter_count(model), "size_mb_fp16": round(parameter_count(model) * 2 / 1e6, 2),
+        "gmacs_per_frame": round(macs_per_frame(spec) / 1e9, 3), "resolution": [spec.width_px, spec.height_px],
+        "depth": spec.depth, "width": spec.width, "world_size": world,
+    })
+    eval_split = next((s for s in ("test", "val") if len(scene.splits.get(s, [])) > 0), None)
+    if eval_split is None:
+        console.print("[yellow]note:[/] the capture has no held-out views; PSNR/SSIM are not measured")
+        return metrics
+    metrics.update(evaluate(model, workspace, scene, scene.splits[eval_split], config, out / "renders"))
+    metrics["eval_split"] = eval_split
+    return metrics
+
+
+def train(
+    model: NeLF, data: PseudoData, real: tuple[np.ndarray, np.ndarray, np.ndarray] | None, config: Any, folder: Path,
+    key: str, device: torch.device, rank: int = 0, world: int = 1,
+) -> dict[str, Any]:
+    """Train ``model`` in place; rank 0 checkpoints to ``folder``. Returns training metrics."""
+    from rich.progress import TextColumn
+
+    from mg3d.ui import progress
+
+    spec = model.spec
+    cuda = device.type == "cuda"
+    if cuda and config.mixed_precision:
+        model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.99), weight_decay=config.weight_decay)
+    meta = load_checkpoint(folder, model, optimizer, key, StudentError, required=("key", "step", "elapsed_s"))
+    step, elapsed = (meta["step"], meta["elapsed_s"]) if meta else (0, 0.0)
+    last_good = step
+    net: torch.nn.Module = model
+    if world > 1:
+        import torch.distributed as dist
+        from torch.nn.parallel import DistributedDataParallel
+
+        dist.barrier()  # every process has read the checkpoint before rank 0 may write a new one
+        net = DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
+    if config.compile == "on" or (config.compile == "auto" and cuda):
+        net = torch.compile(net)  # fuses the GELUs and residual adds; same weights, same maths
+
+    preload = data.nbytes < config.preload_gb * 1e9
+    pseudo = torch.from_numpy(data.all_images()).to(device) if preload else None
+    cameras = torch.from_numpy(data.cameras).to(device)
+    if real is not None:
+        real_images, real_c2w, real_intr = (torch.from_numpy(a).to(device) for a in real)
+    baked = torch.tensor([[spec.fx, spec.fy, spec.cx, spec.cy]], device=device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and config.mixed_precision)
+    generator = torch.Generator()
+    n = len(data)
+    flag = torch.zeros(1, device=device)
+
+    bar = progress() if rank == 0 else None
+    task = None
+    if bar is not None:
+        bar.columns = (*bar.columns, TextColumn("loss {task.fields[loss]:.5f}  PSNR {task.fields[psnr]:.2f}"))
+        bar.start()
+        task = bar.add_task("student", total=config.steps, completed=step, loss=float("nan"), psnr=float("nan"))
+    t_start = time.perf_counter() - elapsed
+    loss_value, images_seen = float("nan"), 0
+    net.train()
+    try:
+        while step < config.steps:
+            done = step / config.steps
+            if config.max_time_s:
+                done = max(done, (time.perf_counter() - t_start) / config.max_time_s)
+            if world > 1:  # every process must agree on the schedule and on when to stop
+                import torch.distributed as dist
+
+                flag.fill_(done)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                done = float(flag.item())
+            if config.max_time_s and done >= 1.0:
+                break
+            generator.manual_seed((config.seed * 1_000_003 + rank) * 1_000_003 + step)  # resumable, distinct per rank
+            n_real = int(round(config.batch * config.finetune_real)) if real is not None and done >= 1 - config.finetune_fraction else 0
+            idx = torch.randint(n, (config.batch - n_real,), generator=generator)
+            images = pseudo[idx.to(device)] if pseudo is not None else torch.from_numpy(data.images(idx.numpy())).to(device)
+            c2w = cameras[idx.to(device)]
+            target = _as_target(images, spec.height_px, spec.width_px)
+            intr = None
+            if n_real:
+                ridx = torch.randint(len(real_images), (n_real,), generator=generator).to(device)
+                target = torch.cat([target, _as_target(real_images[ridx], spec.height_px, spec.width_px)])
+                c2w = torch.cat([c2w, real_c2w[ridx]])
+                intr = torch.cat([baked.expand(config.batch - n_real, 4), real_intr[ridx]])
+            if cuda and config.mixed_precision:
+                target = target.contiguous(memory_format=torch.channels_last)
+            with autocast:
+                pred = net(c2w, intr)
+            loss = F.mse_loss(pred.float(), target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            for g in optimizer.param_groups:
+                g["lr"] = config.lr * lr_factor(step, done, config.warmup)
+            optimizer.step()
+            step += 1
+            images_seen += config.batch
+            if step % 16 == 0 or step == config.steps or step % config.checkpoint_every == 0:
+                loss_value = loss.item()
+                check_finite(loss_value, step, last_good, config.lr, StudentError)
+                if bar is not None:
+                    bar.update(task, completed=step, loss=loss_value, psnr=-10 * math.log10(max(loss_value, 1e-10)))
+            if step % config.checkpoint_every == 0 and step < config.steps and rank == 0:
+                save_checkpoint(folder, model, optimizer, {"key": key, "step": step, "elapsed_s": time.perf_counter() - t_start})
+                last_good = step
+    finally:
+        if bar is not None:
+            bar.stop()
+    train_time = time.perf_counter() - t_start
+    return {
+        "steps": step,
+        "train_time_s": round(train_time, 2),
+        "final_loss": round(loss_value, 6),
+        "train_psnr": round(-10 * math.log10(max(loss_value, 1e-10)), 3) if math.isfinite(loss_value) else None,
+        "images_per_s": round(images_seen * world / max(train_time - elapsed, 1e-9), 1),
+        "resumed_from_step": meta["step"] if meta else 0,
+        "pseudo_views": n,
+        "pseudo_on_device": preload,
+    }

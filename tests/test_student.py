@@ -1,0 +1,289 @@
+"""Student end to end on CPU at tiny scale: pseudo views from the tiny teacher, a tiny NeLF that learns the
+demo, resume after an interruption, DDP with two gloo processes, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import interrupt_at, one_line_error, read_manifest
+
+#: Mechanics tests: short runs, evaluated on one view (they check behaviour, not quality).
+SHORT = ("--preset", "tiny", "--eval-views", "1", "--save-views", "0")
+
+
+@pytest.fixture(scope="module")
+def distilled(tiny_demo_teacher: tuple[Path, str]) -> Path:
+    """A copy of the tiny teacher's workspace with tiny pseudo data (48 views of 64x48, ~40 s on 2 cores)."""
+    from click.testing import CliRunner
+
+    from mg3d.cli import main
+
+    ws = tiny_demo_teacher[0].parent / "distilled"
+    shutil.copytree(tiny_demo_teacher[0], ws)
+    result = CliRunner().invoke(main, ["distill", str(ws), "--preset", "tiny"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return ws
+
+
+@pytest.fixture(scope="module")
+def trained(distilled: Path) -> tuple[Path, str]:
+    """The pseudo data plus the tiny student trained on it, and the command's output."""
+    from click.testing import CliRunner
+
+    from mg3d.cli import main
+
+    ws = distilled.parent / "trained"
+    shutil.copytree(distilled, ws)
+    result = CliRunner().invoke(main, ["student", str(ws), "--preset", "tiny"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return ws, result.output
+
+
+@pytest.fixture
+def ws(distilled: Path, tmp_path: Path) -> Path:
+    """A fresh copy of the distilled workspace with no student."""
+    return Path(shutil.copytree(distilled, tmp_path / "ws"))
+
+
+# ---- pseudo data --------------------------------------------------------------------------------------
+def test_distill_writes_shards_of_teacher_views(distilled: Path, cli) -> None:
+    from mg3d.student.distill import PseudoData
+
+    metrics = read_manifest(distilled, "distill")["metrics"]
+    assert metrics["views"] == 48 and metrics["resolution"] == [64, 48] and metrics["kind"] == "orbit"
+    assert 0 < metrics["near"] < metrics["far"]
+    data = PseudoData(distilled / "distill")
+    assert len(data) == 48 and len(data.shards) == 1 + (48 - 1) // 50
+    assert isinstance(data.shards[0], np.memmap) and data.shards[0].dtype == np.uint8
+    images = data.images(np.array([0, 47]))
+    assert images.shape == (2, 48, 64, 3) and images.std() > 5  # rendered content, not a blank
+    rot = data.cameras[:, :3, :3].astype(np.float64)
+    assert np.allclose(rot @ rot.transpose(0, 2, 1), np.eye(3), atol=1e-5) and np.allclose(np.linalg.det(rot), 1, atol=1e-5)
+    assert (distilled / "distill" / "preview.png").is_file() and not list(distilled.glob(".distill.*"))
+    again = cli("distill", distilled, "--preset", "tiny")
+    assert again.exit_code == 0 and "up to date" in again.output
+
+
+def test_orbit_cameras_stay_on_the_training_shell() -> None:
+    from mg3d.scene import look_at_rotation
+    from mg3d.student.cameras import camera_kind, sample_cameras
+
+    rng = np.random.default_rng(0)
+    az, el, r = rng.uniform(0, 2 * np.pi, 40), rng.uniform(0.2, 0.8, 40), rng.uniform(3.5, 4.5, 40)
+    pos = np.stack([r * np.cos(el) * np.cos(az), r * np.cos(el) * np.sin(az), r * np.sin(el)], 1)
+    c2w = np.tile(np.eye(4), (40, 1, 1))
+    for i in range(40):
+        c2w[i, :3, :3] = look_at_rotation(-pos[i], np.array([0, 0, 1.0]))
+    c2w[:, :3, 3] = pos
+    assert camera_kind(c2w) == "orbit"
+    new = sample_cameras(c2w, 500, seed=1).astype(np.float64)
+    radius = np.linalg.norm(new[:, :3, 3], axis=1)
+    assert radius.min() >= 3.5 - 1e-3 and radius.max() <= 4.5 + 1e-3
+    forward = -new[:, :3, 2]
+    to_centre = -new[:, :3, 3] / radius[:, None]
+    assert np.all(np.sum(forward * to_centre, 1) > 0.999)  # every new camera looks at the centre
+    assert np.allclose(new[:, :3, :3] @ new[:, :3, :3].transpose(0, 2, 1), np.eye(3), atol=1e-5)
+
+
+def test_path_cameras_follow_the_trajectory() -> None:
+    from mg3d.student.cameras import camera_kind, sample_cameras
+
+    n = 30  # a hand-held sweep: walking along x, looking down -z (forward-facing)
+    c2w = np.tile(np.eye(4), (n, 1, 1))
+    c2w[:, 0, 3] = np.linspace(0, 3, n)
+    angle = np.radians(np.linspace(-10, 10, n))
+    c2w[:, 0, 0], c2w[:, 0, 2], c2w[:, 2, 0], c2w[:, 2, 2] = np.cos(angle), np.sin(angle), -np.sin(angle), np.cos(angle)
+    assert camera_kind(c2w) == "path"
+    new = sample_cameras(c2w, 400, seed=2).astype(np.float64)
+    spacing = 3 / (n - 1)
+    assert new[:, 0, 3].min() > -4 * spacing and new[:, 0, 3].max() < 3 + 4 * spacing
+    assert np.abs(new[:, 1:3, 3]).max() < 4 * spacing  # close to the path, not anywhere
+    rot = new[:, :3, :3]
+    assert np.allclose(rot @ rot.transpose(0, 2, 1), np.eye(3), atol=1e-5) and np.allclose(np.linalg.det(rot), 1, atol=1e-5)
+    assert np.all(rot[:, 2, 2] > np.cos(np.radians(25)))  # the forward axis -z still points roughly along world -z
+
+
+# ---- the model ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("upsample", ["shuffle", "transpose"])
+def test_nelf_maps_a_pose_to_an_image(upsample: str) -> None:
+    import torch
+
+    from mg3d.student.model import NeLF, StudentSpec, macs_per_frame, parameter_count
+
+    spec = StudentSpec(width_px=64, height_px=32, fx=50, fy=50, cx=32, cy=16, near=1, far=4, depth=3, width=32, sr_factor=8, upsample=upsample)
+    model = NeLF(spec)
+    c2w = torch.eye(4).repeat(2, 1, 1)
+    c2w[1, :3, 3] = torch.tensor([0.3, 0.0, 1.0])
+    out = model(c2w)
+    assert out.shape == (2, 3, 32, 64) and out.min() >= 0 and out.max() <= 1
+    assert spec.in_channels == 3 * 8 * 13 == 312  # MobileR2L's 312 input channels
+    # the baked intrinsics and the same intrinsics given per call are the same camera
+    same = model(c2w, torch.tensor([[50.0, 50, 32, 16]] * 2))
+    assert torch.allclose(out, same, atol=1e-6)
+    assert not torch.allclose(out[0], out[1])  # another pose, another image
+    out.mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    assert parameter_count(model) > 0 and macs_per_frame(spec) > 0
+
+
+def test_mobile_r2l_size() -> None:
+    from mg3d.student.model import NeLF, StudentSpec, parameter_count
+
+    spec = StudentSpec(width_px=400, height_px=400, fx=555.6, fy=555.6, cx=200, cy=200, near=2, far=6)
+    params = parameter_count(NeLF(spec))
+    assert 7.5 < params * 2 / 1e6 < 9.0  # MobileR2L reports 8.3 MB in fp16
+
+
+def test_bad_resolution_lists_sizes_that_work(ws: Path, cli) -> None:
+    result = cli("student", ws, *SHORT, "--resolution", "66x48")
+    assert result.exit_code == 1
+    line = one_line_error(result, "not divisible by the super-resolution factor 4", "64x48")
+    assert "68x48" in line
+    assert not (ws / "student").exists() and not list(ws.glob(".student.*"))
+    assert one_line_error(cli("student", ws, *SHORT, "--resolution", "big"), "not understood")
+
+
+def test_stage_order_is_enforced(tiny_demo_capture: Path, tmp_path: Path, cli) -> None:
+    ws = Path(shutil.copytree(tiny_demo_capture, tmp_path / "ws"))
+    result = cli("distill", ws, "--preset", "tiny")
+    assert result.exit_code == 1
+    one_line_error(result, "no finished teacher stage", "mg3d teacher")
+    result = cli("student", ws, "--preset", "tiny")
+    assert result.exit_code == 1
+    one_line_error(result, "no finished distill stage", "mg3d distill")
+    assert sorted(p.name for p in ws.iterdir()) == sorted(p.name for p in tiny_demo_capture.iterdir())
+
+
+# ---- learning -----------------------------------------------------------------------------------------
+def test_tiny_student_learns_the_demo(trained: tuple[Path, str], cli) -> None:
+    from mg3d.formats import load_scene
+    from mg3d.student.evaluate import truth_at
+
+    ws, output = trained
+    metrics = read_manifest(ws, "student")["metrics"]
+    # a student that predicts the mean colour of the pseudo views is the floor a broken model reaches
+    scene = load_scene(ws)
+    mean = np.load(ws / "distill" / "shard_0000.npy").reshape(-1, 3).mean(0) / 255.0
+    floor = np.mean([-10 * np.log10(np.mean((truth_at(scene, int(i), 64, 48) - mean) ** 2)) for i in scene.splits["test"]])
+    assert metrics["psnr"] > floor + 1.5, (metrics["psnr"], floor)
+    assert metrics["psnr_vs_teacher"] > 18.0, metrics  # it imitates the teacher
+    assert metrics["steps"] == 600 and metrics["resolution"] == [64, 48] and metrics["eval_views"] == 3
+    assert metrics["eval_student_fps"] > metrics["eval_teacher_fps"]
+    folder = ws / "student"
+    assert json.loads((folder / "student.json").read_text())["spec"]["sr_factor"] == 4
+    picture = Image.open(folder / "renders" / "test_000.png")
+    assert picture.size == (3 * 64, 48)  # truth | teacher | student
+    assert not list(folder.glob("checkpoint*")) and not list(ws.glob(".student.*"))
+    assert "student done" in output
+    info = cli("info", ws)
+    row = next(line for line in info.output.splitlines() if line.strip("│┃| ").startswith("student"))
+    assert "done" in row and "600 steps, 4x48" in row, info.output
+    assert "below the teacher" in info.output and f"{metrics['psnr']:.4g}" in info.output
+
+
+def test_load_and_render(trained: tuple[Path, str]) -> None:
+    import torch
+
+    from mg3d.metrics import psnr
+    from mg3d.student.model import NeLF, StudentError
+
+    ws, _ = trained
+    model = NeLF.load(ws).eval()
+    c2w = torch.from_numpy(np.load(ws / "distill" / "cameras.npy")[:4])
+    with torch.no_grad():
+        pred = model(c2w)
+    target = torch.from_numpy(np.load(ws / "distill" / "shard_0000.npy")[:4]).permute(0, 3, 1, 2).float() / 255
+    assert float(psnr(pred, target).mean()) > 18.0  # it reproduces its training views
+    bad = ws.parent / "corrupt"
+    shutil.copytree(ws / "student", bad)
+    (bad / "student.safetensors").write_bytes(b"\x00" * 100)
+    with pytest.raises(StudentError, match="corrupt"):
+        NeLF.load(bad)
+
+
+def test_interrupted_training_resumes_no_worse(ws: Path, cli, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    args = ("student", ws, *SHORT, "--steps", "60", "--checkpoint-every", "20", "--finetune-fraction", "0.2")
+    straight = Path(shutil.copytree(ws, tmp_path / "straight"))
+    with monkeypatch.context() as patch:
+        interrupt_at(patch, "mg3d.student.train", 40)
+        result = cli(*args)
+    assert result.exit_code == 130, result.output
+    assert json.loads((ws / ".student.partial" / "checkpoint.json").read_text())["step"] == 40
+    result = cli(*args)
+    assert result.exit_code == 0, result.output
+    metrics = read_manifest(ws, "student")["metrics"]
+    assert metrics["resumed_from_step"] == 40 and metrics["steps"] == 60
+    assert cli("student", straight, *args[2:]).exit_code == 0
+    reference = read_manifest(straight, "student")["metrics"]
+    assert metrics["final_loss"] == pytest.approx(reference["final_loss"], rel=0.02)
+    assert metrics["psnr"] >= reference["psnr"] - 0.05
+
+
+def test_divergence_stops_and_keeps_the_good_checkpoint(ws: Path, cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mg3d.student.model import NeLF
+
+    real, calls = NeLF.forward, [0]
+
+    def poisoned(self, *args, **kwargs):
+        calls[0] += 1
+        out = real(self, *args, **kwargs)
+        return out * float("nan") if calls[0] > 40 else out
+
+    monkeypatch.setattr(NeLF, "forward", poisoned)
+    result = cli("student", ws, *SHORT, "--steps", "80", "--checkpoint-every", "32")
+    assert result.exit_code == 1
+    one_line_error(result, "diverged", "step 48", "step 32", "--lr")
+    assert json.loads((ws / ".student.partial" / "checkpoint.json").read_text())["step"] == 32
+    assert not (ws / "student").exists()
+
+
+def test_out_of_memory_names_the_settings_to_lower(ws: Path, cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from mg3d.student.model import NeLF
+
+    def exhausted(self, *args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+
+    monkeypatch.setattr(NeLF, "forward", exhausted)
+    result = cli("student", ws, *SHORT, "--steps", "10")
+    assert result.exit_code == 1
+    one_line_error(result, "does not fit", "--batch", "--resolution")
+
+
+def test_ddp_with_two_gloo_processes(ws: Path) -> None:
+    """torchrun with two CPU processes (gloo) through the normal entry point."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mg3d",
+           "student", str(ws), *SHORT, "--steps", "40", "--checkpoint-every", "20"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    manifest = read_manifest(ws, "student")
+    assert manifest["metrics"]["world_size"] == 2 and manifest["metrics"]["steps"] == 40
+    assert "x2 processes" in manifest["device"]["kind"]
+    assert np.isfinite(manifest["metrics"]["final_loss"]) and manifest["metrics"]["psnr"] > 8
+
+
+@pytest.mark.parametrize("command", ["distill", "student"])
+def test_every_config_field_is_an_option(command: str, cli) -> None:
+    import dataclasses
+
+    import mg3d.cli as cli_module
+    from mg3d.student import StudentConfig
+    from mg3d.student.distill import DistillConfig
+
+    cls = StudentConfig if command == "student" else DistillConfig
+    fields = [f.name for f in dataclasses.fields(cls)]
+    assert sorted(getattr(cli_module, f"_{command.upper()}_OPTIONS")) == sorted(fields)
+    help_text = cli(command, "--help").output
+    for name in fields:
+        assert f"--{name.replace('_', '-')}" in help_text, name
