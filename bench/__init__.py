@@ -1,2 +1,81 @@
-"""``mg3d.bench``: device runners, latency and on-device quality, and the sweeps that pick a student per
-device."""
+"""Bench: latency and on-device quality of the exported student per device.
+
+``mg3d bench WS --device host[,cuda,...]`` measures every exported variant on each device (load time, first
+inference, median/p90/p99/min latency after warm-up, FPS, peak memory, PSNR of the device's images
+against the torch fp32 student on held-out poses) and writes ``WS/bench/``::
+
+    <device>.json     every figure with device, runtime, provider, threads, precision and resolution
+    report.json       all devices; report.html: the table and a latency-vs-PSNR plot per device
+
+``--estimate`` gives roofline figures from the profile's peak rates for devices that are not connected
+(clearly labelled). A device that fails does not stop the others; its error is in the report.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mg3d.config import config_to_dict
+from mg3d.errors import ConfigError
+from mg3d.workspace import Workspace, sha256_file
+
+STAGE = "bench"
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Options of ``mg3d bench``."""
+
+    device: str = "host"  # one or more device names or aliases, comma-separated (mg3d devices lists them)
+    precision: str = ""  # fp32, fp16, int8 or all; "": the profile's precision, else every exported variant
+    estimate: bool = False  # roofline estimates instead of measurements (for devices not connected)
+    runs: int = 20  # timed runs after warm-up
+    warmup: int = 3
+    views: int = 4  # held-out poses the on-device PSNR is measured on
+
+    def __post_init__(self) -> None:
+        if self.runs < 1 or self.warmup < 0 or self.views < 1:
+            raise ConfigError("runs and views must be at least 1 and warmup not negative")
+        if self.precision and self.precision not in ("fp32", "fp16", "int8", "all"):
+            raise ConfigError(f"unknown precision {self.precision!r}", hint="use fp32, fp16, int8 or all")
+        if not self.device.strip(","):
+            raise ConfigError("no device given", hint="e.g. --device host (mg3d devices lists them)")
+
+
+def run(workspace: Workspace, config: BenchConfig) -> dict[str, Any]:
+    """Measure (or estimate) on every device in ``config.device``; returns the report."""
+    from mg3d.bench.measure import bench_device
+    from mg3d.bench.profiles import resolve
+    from mg3d.bench.report import write_report
+
+    student = workspace.require("student", how=f"train one with: mg3d student {workspace.root}")
+    profiles = [resolve(name) for name in config.device.split(",") if name.strip()]  # unknown names fail first
+    results = {p.name: bench_device(workspace, p, config) for p in profiles}
+    old = workspace.manifest(STAGE) or {}
+    keep = [d for d in old.get("metrics", {}).get("devices", {}) if d not in results and (workspace.stage_dir(STAGE) / f"{d}.json").is_file()]
+    inputs = {"student": {"path": str(student / "student.safetensors"), "sha256": sha256_file(student / "student.safetensors")}}
+    with workspace.begin(STAGE, {"last": config_to_dict(config)}, inputs) as run_:
+        for device in keep:
+            shutil.copy(workspace.stage_dir(STAGE) / f"{device}.json", run_.path / f"{device}.json")
+        for device, result in results.items():
+            (run_.path / f"{device}.json").write_text(json.dumps(result, indent=2) + "\n")
+        every = {p.stem: json.loads(p.read_text()) for p in sorted(run_.path.glob("*.json"))}
+        report = write_report(run_.path, every)
+        run_.metrics["devices"] = {d: _headline(r) for d, r in every.items()}
+        run_.outputs.update({"report": "report.json", "html": "report.html"})
+    return report
+
+
+def _headline(result: dict[str, Any]) -> dict[str, Any]:
+    rows = [r for r in result.get("rows", []) if "fps" in r]
+    best = max(rows, key=lambda r: r["fps"], default=None)
+    return {"rows": len(result.get("rows", [])), "best_fps": best["fps"] if best else None, "best": best["file"] if best else None,
+            "estimate": bool(best and best.get("estimate")), "errors": sum(1 for r in result.get("rows", []) if "error" in r)}
+
+
+def load_report(workspace: Path) -> dict[str, Any]:
+    return json.loads((Path(workspace) / STAGE / "report.json").read_text())

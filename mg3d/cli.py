@@ -210,7 +210,7 @@ def distill(ctx: click.Context, workspace: Path, preset: str | None, config_file
 
 
 _STUDENT_OPTIONS = [
-    "depth", "width", "samples", "frequencies", "sr_factor", "upsample", "resolution", "steps", "max_time_s", "batch", "lr",
+    "depth", "width", "samples", "frequencies", "sr_factor", "upsample", "activation", "norm", "resolution", "steps", "max_time_s", "batch", "lr",
     "weight_decay", "warmup", "finetune_fraction", "finetune_real", "mixed_precision", "checkpoint_every", "eval_views",
     "save_views", "preload_gb", "device", "seed", "compile",
 ]
@@ -224,6 +224,8 @@ _STUDENT_OPTIONS = [
 @click.option("--frequencies", type=click.IntRange(min=0), help="Positional-encoding frequencies [default: 6].")
 @click.option("--sr-factor", type=click.IntRange(min=1), help="Super-resolution factor, a power of two [default: 8].")
 @click.option("--upsample", type=click.Choice(["shuffle", "transpose"]), help="Upsampling: shuffle (depth-to-space, NNAPI-friendly) or transpose (MobileR2L) [default: shuffle].")
+@click.option("--activation", type=click.Choice(["gelu_tanh", "gelu"]), help="GELU form: gelu_tanh (tanh approximation; every mobile delegate runs it) or gelu (exact; Erf, which NNAPI lacks) [default: gelu_tanh].")
+@click.option("--norm", type=click.Choice(["batch", "none"]), help="BatchNorm in the residual blocks (folded into the convolutions at export; keeps a deep student's residual stream in range) or none [default: batch].")
 @click.option("--resolution", type=str, help="Output size: a long side (400) or WIDTHxHEIGHT (400x300); empty: the pseudo views' size [default: ''].")
 @click.option("--steps", type=click.IntRange(min=1), help="Training steps [default: 20000].")
 @click.option("--max-time-s", type=click.FloatRange(min=0), help="Stop training after this many seconds; 0: no limit [default: 0].")
@@ -260,6 +262,106 @@ def student(ctx: click.Context, workspace: Path, preset: str | None, config_file
     result = run(Workspace(workspace), config, force=force)
     if not result.skipped and result.manifest:
         _print_stage_summary(workspace, "student", result.manifest)
+
+
+_EXPORT_OPTIONS = ["target", "precision", "palettize", "opset", "tolerance", "verify_poses", "calib_views", "eval_views", "max_int8_loss_db", "seed"]
+
+
+@main.command("export")
+@click.argument("workspace", type=click.Path(path_type=Path))
+@click.option("--target", type=str, help="onnx, android (.ort + NNAPI/XNNPACK report), ios (Core ML .mlpackage) or web [default: onnx].")
+@click.option("--precision", type=str, help="Comma-separated fp32,fp16,int8 [default: onnx fp32,fp16,int8; android fp32,int8; ios fp16; web fp32,fp16].")
+@click.option("--palettize", type=int, help="ios: also write a palettized variant with 4, 6 or 8-bit look-up tables [default: off].")
+@click.option("--opset", type=click.IntRange(min=17), help="ONNX opset [default: 17].")
+@click.option("--tolerance", type=click.FloatRange(min=0, min_open=True), help="Largest |ONNX fp32 - torch| allowed [default: 1e-4].")
+@click.option("--verify-poses", type=click.IntRange(min=1), help="Random poses the fp32 model is checked on [default: 8].")
+@click.option("--calib-views", type=click.IntRange(min=1), help="Pseudo-data poses that calibrate int8 [default: 32].")
+@click.option("--eval-views", type=click.IntRange(min=0), help="Held-out views for each variant's PSNR; 0: all [default: 0].")
+@click.option("--max-int8-loss-db", type=click.FloatRange(min=0), help="PSNR the int8 model may lose [default: 0.5].")
+@click.option("--seed", type=int, help="Random seed of the poses [default: 0].")
+@click.option("--preset", type=click.Choice(["tiny", "default", "quality"]), help="Preset of option values (configs/<name>.yaml).")
+@click.option("--config", "config_file", type=click.Path(path_type=Path), help="YAML/JSON file with an 'export:' section; command-line options win.")
+@click.option("--force", is_flag=True, help="Redo the export even if it is up to date.")
+@click.pass_context
+def export_(ctx: click.Context, workspace: Path, preset: str | None, config_file: Path | None, force: bool, **_: Any) -> None:
+    """Export the student in WORKSPACE for phones and the web: one model that takes a camera pose and returns
+    the image, checked against the torch student, in fp32/fp16/int8.
+
+    Writes WORKSPACE/export/<target>/ with the model files, model.json (interface, intrinsics, pose
+    convention, size and PSNR of each variant, delegate coverage) and manifest.json.
+    """
+    from mg3d.config import resolve_config
+    from mg3d.export import ExportConfig, run
+    from mg3d.workspace import Workspace
+
+    config = resolve_config(ExportConfig, "export", preset, config_file, _overrides(ctx, _EXPORT_OPTIONS))
+    result = run(Workspace(workspace), config, force=force)
+    if not result.skipped:
+        from mg3d.ui import console
+
+        console.print(f"[green]export for {config.target} done[/] in {result.manifest['metrics'].get('duration_s', 0):.1f} s -> {workspace / 'export' / config.target}")
+        console.print(_size_table(result.manifest, only=config.target))
+
+
+def _size_table(manifest: dict[str, Any], only: str | None = None) -> Any:
+    from rich.table import Table
+
+    from mg3d.export import size_rows
+
+    table = Table(title="exported models", header_style="bold")
+    for col in ("target", "file", "precision", "MB", "PSNR vs fp32", "PSNR loss (dB)"):
+        table.add_column(col, justify="right" if col not in ("target", "file", "precision") else "left")
+    for row in size_rows(manifest):
+        if only and row["target"] != only:
+            continue
+        table.add_row(row["target"], row["file"], row["precision"], f"{row['mb']:.2f}", _fmt(row["psnr_vs_fp32"]) if row["psnr_vs_fp32"] is not None else "-",
+                      _fmt(row["psnr_loss_db"]) if row["psnr_loss_db"] is not None else "-")
+    return table
+
+
+@main.command()
+def devices() -> None:
+    """Device profiles (devices/*.yaml) and whether each can be measured now."""
+    from rich.table import Table
+
+    from mg3d.bench.profiles import load_profiles, reachable
+    from mg3d.ui import console
+
+    table = Table(title="devices", header_style="bold")
+    for col in ("name", "aliases", "transport", "runtime / provider", "threads", "target FPS", "reachable"):
+        table.add_column(col)
+    notes = []
+    for p in load_profiles().values():
+        ok, why = reachable(p)
+        table.add_row(p.name, ", ".join(p.aliases), p.transport, f"{p.runtime} / {p.provider}", str(p.threads), f"{p.target_fps:g}", "[green]yes[/]" if ok else "[yellow]no[/]")
+        notes.append(f"{p.name}: {why}")
+    out = console.__class__(highlight=False)
+    out.print(table)
+    for line in notes:
+        out.print(line, soft_wrap=True)
+
+
+@main.command()
+@click.argument("workspace", type=click.Path(path_type=Path))
+@click.option("--device", default="host", show_default=True, help="Device name(s) or aliases, comma-separated (mg3d devices lists them).")
+@click.option("--precision", default="", help="fp32, fp16, int8 or all [default: the device profile's].")
+@click.option("--estimate", is_flag=True, help="Roofline estimates from the profile's peak rates instead of measurements (devices not connected).")
+@click.option("--runs", type=click.IntRange(min=1), default=20, show_default=True, help="Timed runs after warm-up.")
+@click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True, help="Untimed runs first.")
+@click.option("--views", type=click.IntRange(min=1), default=4, show_default=True, help="Held-out poses for the on-device PSNR against torch.")
+def bench(workspace: Path, device: str, precision: str, estimate: bool, runs: int, warmup: int, views: int) -> None:
+    """Latency and on-device quality of the exported student on each DEVICE.
+
+    Writes WORKSPACE/bench/: <device>.json, report.json and report.html (table and latency-vs-PSNR plot).
+    """
+    from mg3d.bench import BenchConfig, run
+    from mg3d.bench.report import table
+    from mg3d.ui import console
+    from mg3d.workspace import Workspace
+
+    report = run(Workspace(workspace), BenchConfig(device=device, precision=precision, estimate=estimate, runs=runs, warmup=warmup, views=views))
+    console.__class__(highlight=False).print(table(report))
+    console.print(f"report: {workspace / 'bench' / 'report.html'}")
 
 
 def _print_stage_summary(out: Path, stage: str, manifest: dict[str, Any]) -> None:
@@ -309,6 +411,10 @@ def _headline(stage: str, m: dict[str, Any]) -> str:
     for key in ("psnr", "ssim"):
         if key in m:
             parts.append(f"{key.upper()} {_fmt(m[key])}")
+    if stage == "bench" and "devices" in m:
+        parts.append(", ".join(f"{d}: {v.get('best_fps')} FPS{' (est.)' if v.get('estimate') else ''}" for d, v in m["devices"].items()))
+    if stage == "export" and "targets" in m:
+        parts.append(", ".join(f"{t}: {len(v.get('variants', []))} models" for t, v in m["targets"].items()))
     if "psnr_gap_to_teacher" in m:
         parts.append(f"{_fmt(m['psnr_gap_to_teacher'])} dB below the teacher")
     return ", ".join(parts)
@@ -352,7 +458,7 @@ def info(workspace: Path, as_json: bool) -> None:
         table.add_row(name, "[yellow]unfinished[/]", "", "", "will be redone", "")
     out.print(table)
     for name, m in manifests.items():
-        out.print(_metrics_table(name, m.get("metrics", {})))
+        out.print(_size_table(m) if name == "export" else _metrics_table(name, m.get("metrics", {})))
     if not manifests:
         out.print("no finished stages yet")
 

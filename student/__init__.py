@@ -36,6 +36,8 @@ class StudentConfig:
     frequencies: int = 6  # positional-encoding frequencies
     sr_factor: int = 8  # super-resolution factor
     upsample: str = "shuffle"  # shuffle (depth-to-space; NNAPI-friendly) or transpose (MobileR2L)
+    activation: str = "gelu_tanh"  # gelu_tanh (Tanh: NNAPI and Core ML run it) or gelu (exact; Erf, which NNAPI lacks)
+    norm: str = "batch"  # batch (BatchNorm in the blocks, folded into the convolutions at export) or none
     resolution: str = ""  # output size: "" (the pseudo data's), "400" (long side) or "400x300"
     steps: int = 20000
     max_time_s: float = 0.0  # stop after this many seconds of training (0: no limit)
@@ -65,6 +67,10 @@ class StudentConfig:
             raise ConfigError(f"compile {self.compile!r} is unknown", hint="use auto, on or off")
         if self.upsample not in ("shuffle", "transpose"):
             raise ConfigError(f"upsample {self.upsample!r} is unknown", hint="use shuffle or transpose")
+        if self.activation not in ("gelu_tanh", "gelu"):
+            raise ConfigError(f"activation {self.activation!r} is unknown", hint="use gelu_tanh or gelu")
+        if self.norm not in ("batch", "none"):
+            raise ConfigError(f"norm {self.norm!r} is unknown", hint="use batch or none")
         if not 0 <= self.finetune_fraction <= 1 or not 0 <= self.finetune_real <= 1:
             raise ConfigError("finetune_fraction and finetune_real must be between 0 and 1")
         if not self.lr > 0:

@@ -32,6 +32,8 @@ class StudentError(Mg3dError):
 
 
 UPSAMPLERS = ("shuffle", "transpose")
+ACTIVATIONS = ("gelu_tanh", "gelu")
+NORMS = ("batch", "none")
 
 
 @dataclass(frozen=True)
@@ -55,11 +57,17 @@ class StudentSpec:
     width: int = 256  # channels of the blocks
     sr_factor: int = 8  # super-resolution factor (a power of two)
     upsample: str = "shuffle"  # shuffle: 1x1 conv + depth-to-space; transpose: 4x4 transposed conv (MobileR2L)
+    activation: str = "gelu_tanh"  # gelu_tanh: tanh-approximate GELU (ops every mobile delegate has); gelu: exact (Erf)
+    norm: str = "batch"  # batch: BatchNorm after each 1x1 conv of the stem and blocks (folded into the convs at export); none
 
     def __post_init__(self) -> None:
         check_resolution(self.width_px, self.height_px, self.sr_factor)
         if self.upsample not in UPSAMPLERS:
             raise ConfigError(f"upsample {self.upsample!r} is unknown", hint="use shuffle or transpose")
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(f"activation {self.activation!r} is unknown", hint="use " + " or ".join(ACTIVATIONS))
+        if self.norm not in NORMS:
+            raise ConfigError(f"norm {self.norm!r} is unknown", hint="use " + " or ".join(NORMS))
         if self.spacing not in ("linear", "disparity"):
             raise ConfigError(f"spacing {self.spacing!r} is unknown", hint="use linear or disparity")
         if min(self.samples, self.depth, self.width) < 1 or self.frequencies < 0:
@@ -91,9 +99,14 @@ def check_resolution(width: int, height: int, sr_factor: int) -> None:
 
 
 def contract(x: Tensor, dim: int) -> Tensor:
-    """mip-NeRF 360 contraction: points inside the unit ball stay, the rest map into the ball of radius 2."""
-    norm = x.norm(dim=dim, keepdim=True).clamp_min(1e-6)
-    return torch.where(norm <= 1.0, x, (2.0 - 1.0 / norm) * x / norm)
+    """mip-NeRF 360 contraction: points inside the unit ball stay, the rest map into the ball of radius 2.
+
+    Written as ``x (2 m - 1) / m^2`` with ``m = max(|x|, 1)`` (equal to ``(2 - 1/|x|) x/|x|`` outside the
+    ball and to ``x`` inside), so the exported graph needs no Where/ReduceL2/Clip, which NNAPI partitions on.
+    """
+    n2 = (x * x).mean(dim=dim, keepdim=True) * 3.0  # |x|^2; x holds 3 coordinates along dim
+    m = torch.sqrt(torch.relu(n2 - 1.0) + 1.0)  # max(|x|, 1) in ops that every delegate has
+    return x * ((2.0 * m - 1.0) / (m * m))
 
 
 def sample_distances(spec: StudentSpec) -> Tensor:
@@ -124,20 +137,55 @@ def grid_directions(spec: StudentSpec, intrinsics: Tensor | None = None) -> Tens
     return d[0] if intrinsics is None else d
 
 
-class ResBlock(nn.Module):
-    """x + conv(gelu(conv(x))) with 1x1 convolutions; the second starts at zero, so a deep stack starts as
-    the identity and trains without normalisation layers (nothing to fold at export)."""
+def activation(name: str) -> nn.Module:
+    return nn.GELU(approximate="tanh" if name == "gelu_tanh" else "none")
 
-    def __init__(self, width: int) -> None:
+
+def norm_layer(name: str, width: int) -> nn.Module:
+    return nn.BatchNorm2d(width) if name == "batch" else nn.Identity()
+
+
+class ResBlock(nn.Module):
+    """x + norm(conv(gelu(norm(conv(x))))) with 1x1 convolutions. The branch starts at zero (the last norm's
+    scale, or the last conv when there is no norm), so a deep stack starts as the identity.
+
+    Without normalisation the residual stream of a trained 28-block student grows to ~1e3 and most blocks end
+    up dead behind a saturated GELU (measured on lego-400); BatchNorm keeps every branch's input in range and
+    costs nothing on the phone: :func:`fold_batchnorm` merges it into the convolutions before export.
+    """
+
+    def __init__(self, width: int, act: str = "gelu_tanh", norm: str = "batch") -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(width, width, 1)
+        self.norm1 = norm_layer(norm, width)
         self.conv2 = nn.Conv2d(width, width, 1)
-        self.act = nn.GELU()
-        nn.init.zeros_(self.conv2.weight)
-        nn.init.zeros_(self.conv2.bias)
+        self.norm2 = norm_layer(norm, width)
+        self.act = activation(act)
+        if isinstance(self.norm2, nn.BatchNorm2d):
+            nn.init.zeros_(self.norm2.weight)
+        else:
+            nn.init.zeros_(self.conv2.weight)
+            nn.init.zeros_(self.conv2.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return x + self.conv2(self.act(self.conv1(x)))
+        return x + self.norm2(self.conv2(self.act(self.norm1(self.conv1(x)))))
+
+
+def fold_batchnorm(model: NeLF) -> NeLF:
+    """An eval-mode copy of ``model`` with every BatchNorm merged into the convolution before it (same output
+    up to rounding; no normalisation layers left for an exporter or a phone runtime)."""
+    import copy
+
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    folded = copy.deepcopy(model).eval()
+    pairs = [(folded.stem, "0", "1")] + [(block, f"conv{i}", f"norm{i}") for block in folded.blocks for i in (1, 2)]
+    for parent, conv_name, norm_name in pairs:  # (a Sequential's children are attributes "0", "1", ... too)
+        norm = getattr(parent, norm_name)
+        if isinstance(norm, nn.BatchNorm2d):
+            setattr(parent, conv_name, fuse_conv_bn_eval(getattr(parent, conv_name), norm))
+            setattr(parent, norm_name, nn.Identity())
+    return folded
 
 
 def sr_channels(width: int, stages: int) -> list[int]:
@@ -154,18 +202,23 @@ class NeLF(nn.Module):
         self.register_buffer("dirs", grid_directions(spec), persistent=False)  # [3, P]
         self.register_buffer("t", sample_distances(spec), persistent=False)  # [S]
         self.register_buffer("center", torch.tensor(spec.center, dtype=torch.float32), persistent=False)  # [3]
-        freqs = 2.0 ** torch.arange(spec.frequencies, dtype=torch.float32)
-        self.register_buffer("freqs", freqs, persistent=False)  # [F]
-        self.stem = nn.Sequential(nn.Conv2d(spec.in_channels, spec.width, 1), nn.GELU())
-        self.blocks = nn.Sequential(*[ResBlock(spec.width) for _ in range(spec.depth)])
-        self.act = nn.GELU()
+        # x * 2^f for every coordinate c and frequency f, as a fixed 1x1 convolution: output channel c F + f
+        # (one exact product each), so the graph stays 4-D for mobile delegates.
+        n, f = 3 * spec.samples, spec.frequencies
+        freqs = torch.zeros(n * f, n, 1, 1)
+        for c in range(n):
+            freqs[c * f : (c + 1) * f, c, 0, 0] = 2.0 ** torch.arange(f, dtype=torch.float32)
+        self.register_buffer("freqs", freqs, persistent=False)  # [3 S F, 3 S, 1, 1]
+        self.stem = nn.Sequential(nn.Conv2d(spec.in_channels, spec.width, 1), norm_layer(spec.norm, spec.width), activation(spec.activation))
+        self.blocks = nn.Sequential(*[ResBlock(spec.width, spec.activation, spec.norm) for _ in range(spec.depth)])
+        self.act = activation(spec.activation)
         stages, c_in, layers = int(math.log2(spec.sr_factor)), spec.width, []
         for c_out in sr_channels(spec.width, stages):
             if spec.upsample == "shuffle":
                 layers += [nn.Conv2d(c_in, 4 * c_out, 1), nn.PixelShuffle(2)]
             else:
                 layers += [nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1)]
-            layers += [nn.GELU(), nn.Conv2d(c_out, c_out, 3, padding=1), nn.GELU()]
+            layers += [activation(spec.activation), nn.Conv2d(c_out, c_out, 3, padding=1), activation(spec.activation)]
             c_in = c_out
         self.upsampler = nn.Sequential(*layers)
         self.head = nn.Conv2d(c_in, 3, 1)
@@ -174,17 +227,16 @@ class NeLF(nn.Module):
         """Positionally encoded ray points [B, 3 S (1 + 2 F), h, w] for cameras c2w [B, 4, 4]."""
         spec = self.spec
         gw, gh = spec.grid
-        b = c2w.shape[0]
         rot, origin = c2w[:, :3, :3], c2w[:, :3, 3:4]  # [B, 3, 3], [B, 3, 1]
         dirs = self.dirs if intrinsics is None else grid_directions(spec, intrinsics)
         d = torch.matmul(rot, dirs)  # [B, 3, P]
         pts = origin[:, :, None, :] + d[:, :, None, :] * self.t.view(1, 1, -1, 1)  # [B, 3, S, P]
         x = contract((pts - self.center.view(1, 3, 1, 1)) / spec.radius, dim=1)  # [B, 3, S, P]
-        x = x.reshape(b, 3 * spec.samples, gh, gw)
+        x = x.reshape(-1, 3 * spec.samples, gh, gw)  # -1, not B: traced graphs keep no shape arithmetic
         if spec.frequencies:
-            xf = x[:, :, None] * self.freqs.view(1, 1, -1, 1, 1)  # [B, 3S, F, h, w]
-            xf = xf.reshape(b, -1, gh, gw)
-            x = torch.cat([x, torch.sin(xf), torch.cos(xf)], 1)
+            xf = nn.functional.conv2d(x, self.freqs)  # [B, 3 S F, h, w]
+            # cos(a) = sin(a + pi/2): one Sin for both halves (NNAPI has Sin but no Cos)
+            x = torch.cat([x, torch.sin(torch.cat([xf, xf + math.pi / 2], 1))], 1)
         return x
 
     def forward(self, c2w: Tensor, intrinsics: Tensor | None = None) -> Tensor:
@@ -214,6 +266,8 @@ class NeLF(nn.Module):
         try:
             spec = json.loads((folder / "student.json").read_text())["spec"]
             spec["center"] = tuple(spec["center"])
+            spec.setdefault("activation", "gelu")  # students saved before these options existed
+            spec.setdefault("norm", "none")
             model = cls(StudentSpec(**spec))
         except FileNotFoundError:
             raise StudentError(f"no trained student in {folder}", hint="run mg3d student WS first") from None

@@ -54,7 +54,7 @@ def build_spec(meta: dict[str, Any], config: Any) -> StudentSpec:
         width_px=w, height_px=h, fx=meta["fx"] * sx, fy=meta["fy"] * sy, cx=meta["cx"] * sx, cy=meta["cy"] * sy,
         near=float(meta["near"]), far=float(meta["far"]), spacing="disparity" if unbounded else "linear",
         radius=1.0 if unbounded else float(meta["bound"]), samples=config.samples, frequencies=config.frequencies,
-        depth=config.depth, width=config.width, sr_factor=config.sr_factor, upsample=config.upsample,
+        depth=config.depth, width=config.width, sr_factor=config.sr_factor, upsample=config.upsample, activation=config.activation, norm=config.norm,
     )
 
 

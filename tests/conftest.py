@@ -96,6 +96,35 @@ def tiny_demo_teacher(tiny_demo_capture: Path) -> tuple[Path, str]:
     return ws, result.output
 
 
+@pytest.fixture(scope="session")
+def distilled(tiny_demo_teacher: tuple[Path, str]) -> Path:
+    """A copy of the tiny teacher's workspace with tiny pseudo data (48 views of 64x48, ~40 s on 2 cores)."""
+    import shutil
+
+    from mg3d.cli import main
+
+    ws = tiny_demo_teacher[0].parent / "distilled"
+    shutil.copytree(tiny_demo_teacher[0], ws)
+    result = CliRunner().invoke(main, ["distill", str(ws), "--preset", "tiny"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return ws
+
+
+@pytest.fixture(scope="session")
+def trained(distilled: Path) -> tuple[Path, str]:
+    """The pseudo data plus the tiny student trained on it (~40 s), and the command's output, once per
+    session. Tests must leave it as it is; the export tests work on copies."""
+    import shutil
+
+    from mg3d.cli import main
+
+    ws = distilled.parent / "trained"
+    shutil.copytree(distilled, ws)
+    result = CliRunner().invoke(main, ["student", str(ws), "--preset", "tiny"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return ws, result.output
+
+
 def read_manifest(ws: Path, stage: str = "capture") -> dict:
     return json.loads((ws / stage / "manifest.json").read_text())
 

@@ -20,34 +20,6 @@ from conftest import interrupt_at, one_line_error, read_manifest
 SHORT = ("--preset", "tiny", "--eval-views", "1", "--save-views", "0")
 
 
-@pytest.fixture(scope="module")
-def distilled(tiny_demo_teacher: tuple[Path, str]) -> Path:
-    """A copy of the tiny teacher's workspace with tiny pseudo data (48 views of 64x48, ~40 s on 2 cores)."""
-    from click.testing import CliRunner
-
-    from mg3d.cli import main
-
-    ws = tiny_demo_teacher[0].parent / "distilled"
-    shutil.copytree(tiny_demo_teacher[0], ws)
-    result = CliRunner().invoke(main, ["distill", str(ws), "--preset", "tiny"], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return ws
-
-
-@pytest.fixture(scope="module")
-def trained(distilled: Path) -> tuple[Path, str]:
-    """The pseudo data plus the tiny student trained on it, and the command's output."""
-    from click.testing import CliRunner
-
-    from mg3d.cli import main
-
-    ws = distilled.parent / "trained"
-    shutil.copytree(distilled, ws)
-    result = CliRunner().invoke(main, ["student", str(ws), "--preset", "tiny"], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return ws, result.output
-
-
 @pytest.fixture
 def ws(distilled: Path, tmp_path: Path) -> Path:
     """A fresh copy of the distilled workspace with no student."""
@@ -141,6 +113,69 @@ def test_mobile_r2l_size() -> None:
     spec = StudentSpec(width_px=400, height_px=400, fx=555.6, fy=555.6, cx=200, cy=200, near=2, far=6)
     params = parameter_count(NeLF(spec))
     assert 7.5 < params * 2 / 1e6 < 9.0  # MobileR2L reports 8.3 MB in fp16
+
+
+def test_contraction_and_encoding_use_delegate_friendly_ops_with_the_same_values() -> None:
+    """contract() without Where/ReduceL2 equals mip-NeRF 360's formula; sin(x + pi/2) stands for cos(x)."""
+    import torch
+
+    from mg3d.student.model import NeLF, StudentSpec, contract
+
+    x = torch.randn(2, 3, 5, 7) * 2
+    norm = x.norm(dim=1, keepdim=True)
+    reference = torch.where(norm <= 1.0, x, (2.0 - 1.0 / norm) * x / norm)
+    torch.testing.assert_close(contract(x, dim=1), reference, atol=1e-6, rtol=1e-6)
+    spec = StudentSpec(width_px=32, height_px=32, fx=40, fy=40, cx=16, cy=16, near=1, far=4, depth=1, width=16, sr_factor=4, frequencies=3)
+    model = NeLF(spec)
+    c2w = torch.eye(4)[None]
+    c2w[0, 2, 3] = 2.5
+    enc = model.encode(c2w)
+    raw = enc[:, : 3 * spec.samples]  # [x, sin(2^f x) ..., cos(2^f x) ...], coordinate-major, frequency-minor
+    scaled = (raw[:, :, None] * torch.tensor([1.0, 2.0, 4.0]).view(1, 1, 3, 1, 1)).flatten(1, 2)
+    n = scaled.shape[1]
+    torch.testing.assert_close(enc[:, 3 * spec.samples : 3 * spec.samples + n], torch.sin(scaled), atol=1e-5, rtol=0)
+    torch.testing.assert_close(enc[:, 3 * spec.samples + n :], torch.cos(scaled), atol=1e-5, rtol=0)
+
+
+def test_batchnorm_folds_into_the_convolutions() -> None:
+    import torch
+
+    from mg3d.student.model import NeLF, StudentSpec, fold_batchnorm
+
+    spec = StudentSpec(width_px=32, height_px=32, fx=40, fy=40, cx=16, cy=16, near=1, far=4, depth=3, width=16, sr_factor=4)
+    model = NeLF(spec)
+    for module in model.modules():  # trained-looking statistics and scales
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.normal_()
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.normal_()
+    model.eval()
+    folded = fold_batchnorm(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()), "the student itself is left as it was"
+    c2w = torch.eye(4)[None]
+    c2w[0, 2, 3] = 2.5
+    with torch.no_grad():
+        torch.testing.assert_close(folded(c2w), model(c2w), atol=1e-5, rtol=0)
+
+
+def test_students_saved_before_norm_and_activation_options_still_load(tmp_path: Path) -> None:
+    import json
+
+    import torch
+
+    from mg3d.student.model import NeLF, StudentSpec
+
+    old = NeLF(StudentSpec(width_px=32, height_px=32, fx=40, fy=40, cx=16, cy=16, near=1, far=4, depth=2, width=16, sr_factor=4, norm="none", activation="gelu"))
+    old.save(tmp_path)
+    meta = json.loads((tmp_path / "student.json").read_text())
+    del meta["spec"]["norm"], meta["spec"]["activation"]  # as written by mg3d before they existed
+    (tmp_path / "student.json").write_text(json.dumps(meta))
+    loaded = NeLF.load(tmp_path)
+    assert loaded.spec.norm == "none" and loaded.spec.activation == "gelu"
+    c2w = torch.eye(4)[None]
+    c2w[0, 2, 3] = 2.5
+    torch.testing.assert_close(loaded(c2w), old(c2w))
 
 
 def test_bad_resolution_lists_sizes_that_work(ws: Path, cli) -> None:

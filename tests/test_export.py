@@ -1,0 +1,214 @@
+"""Export: one pose-in, image-out model per target, verified against the torch student, quantized."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import one_line_error, read_manifest
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def exported(trained: tuple[Path, str], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A copy of the tiny student's workspace exported for onnx, and the command's output."""
+    from click.testing import CliRunner
+
+    from mg3d.cli import main
+
+    ws = Path(shutil.copytree(trained[0], tmp_path_factory.mktemp("export") / "ws"))
+    result = CliRunner().invoke(main, ["export", str(ws), "--target", "onnx"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return ws, result.output
+
+
+@pytest.fixture
+def student_ws(trained: tuple[Path, str], tmp_path: Path) -> Path:
+    return Path(shutil.copytree(trained[0], tmp_path / "ws"))
+
+
+def _pose(ws: Path) -> np.ndarray:
+    from mg3d.formats.nerfstudio import load_nerfstudio
+
+    scene = load_nerfstudio(ws / "capture" / "transforms.json")
+    return scene.c2w[scene.splits["test"][0]].astype(np.float32)
+
+
+def test_onnx_export_is_one_verified_file_per_precision(exported: tuple[Path, str]) -> None:
+    from mg3d.student.model import NeLF
+
+    ws, output = exported
+    folder = ws / "export" / "onnx"
+    meta = json.loads((folder / "model.json").read_text())
+    student = NeLF.load(ws).eval()
+    w, h = student.spec.width_px, student.spec.height_px
+    assert meta["inputs"][0]["name"] == "c2w" and meta["inputs"][0]["shape"] == [1, 4, 4]
+    assert meta["outputs"][0]["name"] == "rgb" and meta["outputs"][0]["shape"] == [1, 3, h, w]
+    assert meta["pose_convention"] == "opengl_c2w" and meta["resolution"] == [w, h]
+    assert [v["precision"] for v in meta["variants"]] == ["fp32", "fp16", "int8"]
+    assert meta["verification"]["max_abs_error_fp32"] <= 1e-4
+    pose = _pose(ws)
+    with torch.no_grad():
+        expected = student(torch.from_numpy(pose)[None]).numpy()
+    for v in meta["variants"]:
+        model = onnx.load(str(folder / v["file"]), load_external_data=False)
+        assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer), "must be a single file"
+        assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
+        assert not any(n.op_type == "BatchNormalization" for n in model.graph.node), "normalisation must be folded"
+        sess = ort.InferenceSession(str(folder / v["file"]), providers=["CPUExecutionProvider"])
+        got = sess.run(["rgb"], {"c2w": pose[None]})[0]
+        assert got.shape == (1, 3, h, w) and got.dtype == np.float32 and 0 <= got.min() and got.max() <= 1
+        if v["precision"] == "fp32":
+            assert np.abs(got - expected).max() <= 1e-4
+        else:
+            assert v["psnr_vs_fp32"] > (40 if v["precision"] == "fp16" else 25), v
+            assert v["psnr_loss_db"] <= (0.1 if v["precision"] == "fp16" else 0.5), v
+    assert all(n.attribute[1].s == b"DCR" or n.attribute[0].s == b"DCR" for n in onnx.load(str(folder / "model.onnx")).graph.node if n.op_type == "DepthToSpace")
+    files = json.loads((folder / "manifest.json").read_text())["files"]
+    assert set(files) == {"model.onnx", "model.fp16.onnx", "model.int8.onnx", "model.json"}
+    assert all(files[name]["bytes"] == (folder / name).stat().st_size for name in files)
+    assert "model.int8.onnx" in output and "exported models" in output
+
+
+def test_depth_to_space_rewrite_keeps_the_image() -> None:
+    """PyTorch's pixel shuffle (CRD) becomes DCR, the order NNAPI takes, with the conv's channels permuted."""
+    import io
+
+    from mg3d.export.onnxmodel import depth_to_space_dcr
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(5, 3 * 4, 1), torch.nn.PixelShuffle(2)).eval()
+    x = torch.randn(1, 5, 6, 7)
+    buffer = io.BytesIO()
+    torch.onnx.export(net, (x,), buffer, opset_version=17, input_names=["x"], output_names=["y"], dynamo=False)
+    model = onnx.load_from_string(buffer.getvalue())
+    assert depth_to_space_dcr(model) == 1
+    modes = [a.s for n in model.graph.node if n.op_type == "DepthToSpace" for a in n.attribute if a.name == "mode"]
+    assert modes == [b"DCR"]
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    np.testing.assert_allclose(got, net(x).detach().numpy(), atol=1e-5)
+
+
+def test_android_export_has_ort_files_and_delegate_coverage(student_ws: Path, cli) -> None:
+    result = cli("export", student_ws, "--target", "android")
+    assert result.exit_code == 0, result.output
+    folder = student_ws / "export" / "android"
+    meta = json.loads((folder / "model.json").read_text())
+    assert [(v["file"], v["format"]) for v in meta["variants"]] == [("model.ort", "ort"), ("model.int8.ort", "ort")]
+    fp32 = meta["variants"][0]
+    # the default student (pixel shuffle, tanh GELU, no Where/Erf/Cos) runs whole on NNAPI and Core ML
+    for delegate in ("nnapi", "coreml_mlprogram"):
+        assert fp32["delegates"][delegate]["fraction"] == 1.0 and fp32["delegates"][delegate]["partitions"] == 1, fp32["delegates"]
+    assert 0 < fp32["delegates"]["xnnpack"]["fraction"] < 1
+    assert fp32["psnr_vs_fp32"] > 60  # the .ort file computes what the ONNX file computes
+    sess = ort.InferenceSession(str(folder / "model.ort"), providers=["CPUExecutionProvider"])
+    assert sess.run(["rgb"], {"c2w": _pose(student_ws)[None]})[0].shape[:2] == (1, 3)
+
+
+def test_transposed_convolution_splits_nnapi(tmp_path: Path) -> None:
+    """MobileR2L's transposed convolutions are the one op NNAPI lacks: measured, not assumed."""
+    from mg3d.export.mobile import delegate_coverage
+    from mg3d.export.onnxmodel import export_fp32
+    from mg3d.student.model import NeLF, StudentSpec
+
+    spec = StudentSpec(width_px=32, height_px=32, fx=40, fy=40, cx=16, cy=16, near=1, far=4, depth=2, width=16, sr_factor=4, upsample="transpose")
+    onnx.save(export_fp32(NeLF(spec)), str(tmp_path / "t.onnx"))
+    report = delegate_coverage(tmp_path / "t.onnx")
+    assert report["nnapi"]["unsupported_ops"] == ["ConvTranspose"] and report["nnapi"]["partitions"] > 1
+    assert report["coreml_mlprogram"]["fraction"] == 1.0
+
+
+def test_web_export_and_targets_kept_side_by_side(exported: tuple[Path, str], tmp_path: Path, cli) -> None:
+    ws = Path(shutil.copytree(exported[0], tmp_path / "ws"))
+    result = cli("export", ws, "--target", "web")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (ws / "export" / "web").iterdir()) == ["manifest.json", "model.fp16.onnx", "model.json", "model.onnx"]
+    assert (ws / "export" / "onnx" / "model.int8.onnx").is_file(), "exporting web must keep the onnx export"
+    assert set(read_manifest(ws, "export")["metrics"]["targets"]) == {"onnx", "web"}
+    again = cli("export", ws, "--target", "web")
+    assert again.exit_code == 0 and "up to date" in again.output
+    info = cli("info", ws)
+    assert info.exit_code == 0 and "exported models" in info.output and "model.int8.onnx" in info.output and "web" in info.output
+
+
+def test_ios_export_writes_a_checked_mlpackage(student_ws: Path, cli) -> None:
+    pytest.importorskip("coremltools")
+    from mg3d.export.coreml import can_predict
+
+    result = cli("export", student_ws, "--target", "ios", "--precision", "fp16,int8", "--palettize", "6")
+    assert result.exit_code == 0, result.output
+    folder = student_ws / "export" / "ios"
+    meta = json.loads((folder / "model.json").read_text())
+    names = [v["file"] for v in meta["variants"]]
+    assert names == ["model.mlpackage", "model.int8.mlpackage", "model.palettized-6bit.mlpackage"]
+    sizes = {v["file"]: v["bytes"] for v in meta["variants"]}
+    assert sizes["model.int8.mlpackage"] < sizes["model.mlpackage"] and sizes["model.palettized-6bit.mlpackage"] < sizes["model.mlpackage"]
+    for v in meta["variants"]:
+        assert (folder / v["file"] / "Manifest.json").is_file()
+        assert v["spec"]["inputs"] == [{"name": "c2w", "shape": [1, 4, 4]}] and v["spec"]["outputs"][0]["name"] == "rgb"
+        assert {"conv", "sin", "pixel_shuffle"} <= set(v["spec"]["ops"])
+        if can_predict():  # macOS: Core ML's own output against torch
+            assert v["psnr_vs_fp32"] > 30
+        else:
+            assert "only on macOS" in v["prediction"]
+
+
+# ---- bad input -------------------------------------------------------------------------------------------
+def test_export_without_a_student_says_which_command_makes_one(distilled: Path, tmp_path: Path, cli) -> None:
+    ws = Path(shutil.copytree(distilled, tmp_path / "ws"))
+    result = cli("export", ws)
+    assert result.exit_code == 1
+    one_line_error(result, "no finished student stage", "mg3d student")
+    assert not (ws / "export").exists()
+
+
+@pytest.mark.parametrize(("args", "needles"), [
+    (["--target", "windows"], ["unknown target 'windows'", "onnx, android, ios, web"]),
+    (["--precision", "fp8"], ["unknown precision 'fp8'", "fp32, fp16, int8"]),
+    (["--target", "web", "--precision", "int8"], ["not offered for target web"]),
+    (["--target", "onnx", "--palettize", "4"], ["Core ML only", "--target ios"]),
+    (["--target", "ios", "--palettize", "3"], ["4, 6 or 8"]),
+])
+def test_export_rejects_unknown_choices(student_ws: Path, cli, args: list[str], needles: list[str]) -> None:
+    result = cli("export", student_ws, *args)
+    assert result.exit_code == 1
+    one_line_error(result, *needles)
+    assert not (student_ws / "export").exists()
+
+
+def test_missing_coremltools_names_the_extra(student_ws: Path, cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "coremltools" else real(name, *a))
+    result = cli("export", student_ws, "--target", "ios")
+    assert result.exit_code == 1
+    one_line_error(result, "coremltools is not installed", "pip install 'mg3d[coreml]'")
+    assert not (student_ws / "export").exists()
+
+
+def test_failed_verification_is_not_marked_done_and_says_by_how_much(exported: tuple[Path, str], tmp_path: Path, cli) -> None:
+    ws = Path(shutil.copytree(exported[0], tmp_path / "ws"))
+    before = (ws / "export" / "manifest.json").read_bytes()
+    result = cli("export", ws, "--target", "web", "--tolerance", "1e-12")
+    assert result.exit_code == 1
+    line = one_line_error(result, "differs from the torch student by", "tolerance 1e-12")
+    assert "e-" in line.split("by")[1]
+    assert (ws / "export" / "manifest.json").read_bytes() == before, "the earlier export stays as it was"
+    assert not (ws / "export" / "web").exists() and not (ws / ".export.partial").exists()
+
+
+def test_int8_beyond_the_allowed_loss_fails(student_ws: Path, cli) -> None:
+    result = cli("export", student_ws, "--precision", "int8", "--max-int8-loss-db", "0")
+    if result.exit_code == 0:  # a perfect int8 model cannot fail this check
+        meta = json.loads((student_ws / "export" / "onnx" / "model.json").read_text())
+        assert meta["variants"][0]["psnr_loss_db"] <= 0
+        return
+    one_line_error(result, "int8 model loses", "allowed: 0.0 dB", "--precision fp32,fp16")
+    assert not (student_ws / "export").exists()
