@@ -46,6 +46,19 @@ def _svg(rows: list[dict[str, Any]], target_fps: float) -> str:
     return "".join(parts)
 
 
+def _sweep_html(sweep: dict[str, Any]) -> str:
+    c = sweep["choice"]
+    trained = {(t["depth"], t["width"], t["long_side"]): t for t in sweep["trained"]}
+    lines = [f"<p><b>chosen: {c['depth']} blocks x {c['width']} at {html.escape(str(c['resolution']))} px</b>, {c['fps']} FPS"
+             f"{' (estimated)' if c['estimate'] else ''}, PSNR {c['psnr']} dB; {html.escape(c['how'])}</p>",
+             "<table><tr><th>depth</th><th>width</th><th>resolution</th><th>GMAC</th><th>latency ms</th><th>FPS</th><th>meets target</th><th>trained PSNR</th></tr>"]
+    for r in sweep["rows"]:
+        t = trained.get((r["depth"], r["width"], r["long_side"]), {})
+        lines.append(f"<tr><td>{r['depth']}</td><td>{r['width']}</td><td>{r['resolution'][0]}x{r['resolution'][1]}</td><td>{r['gmacs']}</td><td>{r['latency_ms']}"
+                     f"{' (est.)' if r['estimate'] else ''}</td><td>{r['fps']}</td><td>{'yes' if r['meets_target'] else 'no'}</td><td>{t.get('psnr', '')}</td></tr>")
+    return "".join(lines) + "</table>"
+
+
 def write_report(folder: Path, devices: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Write report.json and report.html into ``folder``; return the report."""
     report = {"devices": devices}
@@ -63,7 +76,10 @@ def write_report(folder: Path, devices: dict[str, dict[str, Any]]) -> dict[str, 
             body.append(f"<tr>{cells}<td>{html.escape(row.get('error', ''))}</td></tr>")
         body.append("</table>")
         plotted = [r for r in result.get("rows", []) if r.get("psnr_vs_torch") is not None and "median_ms" in r]
-        body.append(_svg(plotted, float(result.get("target_fps") or 0)))
+        if plotted or "sweep" not in result:
+            body.append(_svg(plotted, float(result.get("target_fps") or 0)))
+        if "sweep" in result:
+            body.append(_sweep_html(result["sweep"]))
     (folder / "report.html").write_text("\n".join(body) + "\n")
     return report
 
@@ -81,4 +97,20 @@ def table(report: dict[str, Any]) -> Any:
             note = r.get("error", "") or ("estimate (" + r.get("bound", "") + "-bound)" if r.get("estimate") else "")
             t.add_row(r["device"], r["file"], r["precision"], fmt(r.get("load_ms")), fmt(r.get("first_ms")), fmt(r.get("median_ms")), fmt(r.get("p90_ms")),
                       fmt(r.get("fps")), fmt(r.get("peak_rss_mb", r.get("peak_gpu_mb"))), fmt(r.get("psnr_vs_torch")), note)
+    return t
+
+
+def sweep_table(device: str, sweep: dict[str, Any]) -> Any:
+    """The sweep's grid for the terminal: latency, FPS, whether it meets the target, trained PSNR."""
+    from rich.table import Table
+
+    c = sweep["choice"]
+    trained = {(t["depth"], t["width"], t["long_side"]): t for t in sweep["trained"]}
+    t = Table(title=f"sweep on {device}: chose {c['depth']} blocks x {c['width']} at {c['resolution']} px ({c['fps']} FPS, PSNR {c['psnr']} dB)", header_style="bold")
+    for col in ("depth", "width", "size", "ms", "FPS", "target", "PSNR"):
+        t.add_column(col, justify="right")
+    for r in sorted(sweep["rows"], key=lambda r: -r["fps"]):
+        done = trained.get((r["depth"], r["width"], r["long_side"]), {})
+        t.add_row(str(r["depth"]), str(r["width"]), f"{r['resolution'][0]}x{r['resolution'][1]}", f"{r['latency_ms']:.1f}" + ("*" if r["estimate"] else ""),
+                  f"{r['fps']:.1f}", "yes" if r["meets_target"] else "no", f"{done['psnr']:.2f}" if done.get("psnr") is not None else "")
     return t

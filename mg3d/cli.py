@@ -243,11 +243,12 @@ _STUDENT_OPTIONS = [
 @click.option("--compile", type=click.Choice(["auto", "on", "off"]), help="torch.compile the network for training; auto: on CUDA. About 5% faster on an H100 after ~40 s of compiling [default: off].")
 @click.option("--device", type=str, help="Torch device: auto, cpu, cuda, cuda:1 ... [default: auto].")
 @click.option("--seed", type=int, help="Random seed [default: 0].")
+@click.option("--for-device", type=str, help="Use the depth, width, super-resolution and resolution that mg3d bench --sweep chose for this device.")
 @click.option("--preset", type=click.Choice(["tiny", "default", "quality"]), help="Preset of option values (configs/<name>.yaml).")
 @click.option("--config", "config_file", type=click.Path(path_type=Path), help="YAML/JSON file with a 'student:' section; command-line options win.")
 @click.option("--force", is_flag=True, help="Redo the stage even if it is up to date (and drop its checkpoint).")
 @click.pass_context
-def student(ctx: click.Context, workspace: Path, preset: str | None, config_file: Path | None, force: bool, **_: Any) -> None:
+def student(ctx: click.Context, workspace: Path, preset: str | None, config_file: Path | None, force: bool, for_device: str | None, **_: Any) -> None:
     """Train the mobile student (a neural light field) on the pseudo views in WORKSPACE.
 
     Writes WORKSPACE/student/: weights, pictures of held-out views (truth | teacher | student) and
@@ -258,7 +259,13 @@ def student(ctx: click.Context, workspace: Path, preset: str | None, config_file
     from mg3d.student import StudentConfig, run
     from mg3d.workspace import Workspace
 
-    config = resolve_config(StudentConfig, "student", preset, config_file, _overrides(ctx, _STUDENT_OPTIONS))
+    overrides = _overrides(ctx, _STUDENT_OPTIONS)
+    if for_device:  # the sweep's choice; options typed on the command line still win
+        from mg3d.bench.sweep import read_choice
+
+        choice = read_choice(workspace, for_device)
+        overrides = {**{k: choice[k] for k in ("depth", "width", "sr_factor", "resolution")}, **overrides}
+    config = resolve_config(StudentConfig, "student", preset, config_file, overrides)
     result = run(Workspace(workspace), config, force=force)
     if not result.skipped and result.manifest:
         _print_stage_summary(workspace, "student", result.manifest)
@@ -349,18 +356,37 @@ def devices() -> None:
 @click.option("--runs", type=click.IntRange(min=1), default=20, show_default=True, help="Timed runs after warm-up.")
 @click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True, help="Untimed runs first.")
 @click.option("--views", type=click.IntRange(min=1), default=4, show_default=True, help="Held-out poses for the on-device PSNR against torch.")
-def bench(workspace: Path, device: str, precision: str, estimate: bool, runs: int, warmup: int, views: int) -> None:
-    """Latency and on-device quality of the exported student on each DEVICE.
+@click.option("--sweep", is_flag=True, help="Pick depth, width and resolution for the device: latency over a grid, then train the largest that reach its target FPS.")
+@click.option("--sweep-depths", default="4,8,16,28", show_default=True, help="Depths (residual blocks) of the grid.")
+@click.option("--sweep-widths", default="64,128,256", show_default=True, help="Widths of the grid.")
+@click.option("--sweep-sizes", default="256,400", show_default=True, help="Output long sides (px) of the grid.")
+@click.option("--sweep-sr-factor", type=click.IntRange(min=1), default=8, show_default=True, help="Super-resolution factor of the candidates.")
+@click.option("--sweep-top", type=click.IntRange(min=1), default=2, show_default=True, help="How many candidates to train.")
+@click.option("--sweep-budget-s", type=click.FloatRange(min=0, min_open=True), default=600.0, show_default=True, help="Training time shared by them, seconds.")
+@click.option("--sweep-eval-views", type=click.IntRange(min=0), default=16, show_default=True, help="Held-out views each candidate is evaluated on (0: all).")
+def bench(workspace: Path, device: str, precision: str, estimate: bool, runs: int, warmup: int, views: int, **sweep_options: Any) -> None:
+    """Latency and on-device quality of the exported student on each DEVICE, or (--sweep) the student
+    configuration that device should get.
 
-    Writes WORKSPACE/bench/: <device>.json, report.json and report.html (table and latency-vs-PSNR plot).
+    Writes WORKSPACE/bench/: <device>.json, report.json and report.html (table and latency-vs-PSNR plot);
+    a sweep adds choice-<device>.json, which mg3d student WORKSPACE --for-device DEVICE trains.
     """
     from mg3d.bench import BenchConfig, run
-    from mg3d.bench.report import table
+    from mg3d.bench.report import sweep_table, table
     from mg3d.ui import console
     from mg3d.workspace import Workspace
 
-    report = run(Workspace(workspace), BenchConfig(device=device, precision=precision, estimate=estimate, runs=runs, warmup=warmup, views=views))
-    console.__class__(highlight=False).print(table(report))
+    report = run(Workspace(workspace), BenchConfig(device=device, precision=precision, estimate=estimate, runs=runs, warmup=warmup, views=views, **sweep_options))
+    out = console.__class__(highlight=False)
+    if any(r.get("rows") for r in report["devices"].values()):
+        out.print(table(report))
+    for name, result in report["devices"].items():
+        if "sweep" in result:
+            out.print(sweep_table(name, result["sweep"]))
+            if any(r["estimate"] for r in result["sweep"]["rows"]):
+                out.print("* estimated from the profile's peak rates, not measured")
+        if result.get("error"):
+            console.print(f"[yellow]{name} did not run[/]: {result['error']}", soft_wrap=True)
     console.print(f"report: {workspace / 'bench' / 'report.html'}")
 
 
@@ -412,7 +438,8 @@ def _headline(stage: str, m: dict[str, Any]) -> str:
         if key in m:
             parts.append(f"{key.upper()} {_fmt(m[key])}")
     if stage == "bench" and "devices" in m:
-        parts.append(", ".join(f"{d}: {v.get('best_fps')} FPS{' (est.)' if v.get('estimate') else ''}" for d, v in m["devices"].items()))
+        parts.append(", ".join(f"{d}: " + (f"sweep chose {v['choice']}, " if v.get("choice") else "") + (f"{v['best_fps']} FPS{' (est.)' if v.get('estimate') else ''}" if v.get("best_fps") else "did not run")
+                               for d, v in m["devices"].items()))
     if stage == "export" and "targets" in m:
         parts.append(", ".join(f"{t}: {len(v.get('variants', []))} models" for t, v in m["targets"].items()))
     if "psnr_gap_to_teacher" in m:

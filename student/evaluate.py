@@ -38,14 +38,15 @@ def truth_at(scene: Scene, i: int, width: int, height: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def evaluate(model: NeLF, workspace: Workspace, scene: Scene, indices: np.ndarray, config: Any, out_dir: Path) -> dict[str, Any]:
-    """Student and teacher on the held-out views at the student's resolution."""
+def evaluate(model: NeLF, workspace: Workspace, scene: Scene, indices: np.ndarray, config: Any, out_dir: Path, with_teacher: bool = True) -> dict[str, Any]:
+    """Student and teacher on the held-out views at the student's resolution (the student alone when
+    ``with_teacher`` is False: the teacher's renders cost a minute per view on a CPU)."""
     from mg3d.teacher.model import Teacher
     from mg3d.ui import progress
 
     device = next(model.parameters()).device
-    teacher = Teacher.load(workspace.stage_dir("teacher"), device=device)
-    if device.type == "cuda":
+    teacher = Teacher.load(workspace.stage_dir("teacher"), device=device) if with_teacher else None
+    if teacher is not None and device.type == "cuda":
         teacher.compile_encoding()
     spec = model.spec
     w, h = spec.width_px, spec.height_px
@@ -64,25 +65,24 @@ def evaluate(model: NeLF, workspace: Workspace, scene: Scene, indices: np.ndarra
             with autocast:
                 pred = model(c2w[None], torch.tensor([intr], device=device)).float().clamp(0, 1)  # [1, 3, H, W]
             student_s += _sync(device) - t
-            t = _sync(device)
-            ref = teacher.render(c2w[None], *intr, w, h)["rgb"].permute(0, 3, 1, 2).float()
-            teacher_s += _sync(device) - t
             gt = torch.from_numpy(truth_at(scene, int(i), w, h)).to(device).permute(2, 0, 1)[None]
             scores["psnr"].append(float(psnr(pred, gt)[0]))
             scores["ssim"].append(float(ssim(pred, gt)[0]))
-            scores["teacher_psnr"].append(float(psnr(ref, gt)[0]))
-            scores["teacher_ssim"].append(float(ssim(ref, gt)[0]))
-            scores["psnr_vs_teacher"].append(float(psnr(pred, ref)[0]))
+            ref = gt
+            if teacher is not None:
+                t = _sync(device)
+                ref = teacher.render(c2w[None], *intr, w, h)["rgb"].permute(0, 3, 1, 2).float()
+                teacher_s += _sync(device) - t
+                scores["teacher_psnr"].append(float(psnr(ref, gt)[0]))
+                scores["teacher_ssim"].append(float(ssim(ref, gt)[0]))
+                scores["psnr_vs_teacher"].append(float(psnr(pred, ref)[0]))
             if k < config.save_views:
                 row = [(x[0].permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8) for x in (gt, ref, pred)]
                 Image.fromarray(np.concatenate(row, 1)).save(out_dir / f"test_{k:03d}.png")
             bar.advance(task)
     model.train()
-    metrics = {name: round(float(np.mean(v)), 4 if "ssim" in name else 3) for name, v in scores.items()}
-    metrics.update({
-        "eval_views": len(indices),
-        "psnr_gap_to_teacher": round(metrics["teacher_psnr"] - metrics["psnr"], 3),
-        "eval_student_fps": round(len(indices) / max(student_s, 1e-9), 2),
-        "eval_teacher_fps": round(len(indices) / max(teacher_s, 1e-9), 2),
-    })
+    metrics = {name: round(float(np.mean(v)), 4 if "ssim" in name else 3) for name, v in scores.items() if v}
+    metrics.update({"eval_views": len(indices), "eval_student_fps": round(len(indices) / max(student_s, 1e-9), 2)})
+    if teacher is not None:
+        metrics.update({"psnr_gap_to_teacher": round(metrics["teacher_psnr"] - metrics["psnr"], 3), "eval_teacher_fps": round(len(indices) / max(teacher_s, 1e-9), 2)})
     return metrics

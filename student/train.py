@@ -90,8 +90,9 @@ def _as_target(images: Tensor, height: int, width: int) -> Tensor:
     return x
 
 
-def train_stage(workspace: Workspace, config: Any, out: Path, key: str, run_: Any) -> dict[str, Any]:
-    """Train (every process), then save and evaluate (rank 0). ``run_`` is None on other ranks."""
+def train_stage(workspace: Workspace, config: Any, out: Path, key: str, run_: Any, with_teacher: bool = True) -> dict[str, Any]:
+    """Train (every process), then save and evaluate (rank 0). ``run_`` is None on other ranks (and for the
+    bench sweep's candidates, which are evaluated without the teacher: ``with_teacher`` False)."""
     from mg3d.formats.nerfstudio import load_nerfstudio
     from mg3d.student.evaluate import evaluate
     from mg3d.ui import console
@@ -133,7 +134,7 @@ def train_stage(workspace: Workspace, config: Any, out: Path, key: str, run_: An
     if eval_split is None:
         console.print("[yellow]note:[/] the capture has no held-out views; PSNR/SSIM are not measured")
         return metrics
-    metrics.update(evaluate(model, workspace, scene, scene.splits[eval_split], config, out / "renders"))
+    metrics.update(evaluate(model, workspace, scene, scene.splits[eval_split], config, out / "renders", with_teacher))
     metrics["eval_split"] = eval_split
     return metrics
 

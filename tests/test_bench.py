@@ -77,6 +77,11 @@ def test_estimate_for_a_phone_that_is_not_connected(ws: Path, cli) -> None:
         assert device["mode"] == "estimate"
         assert all(r["estimate"] and r["fps"] > 0 and r["bound"] in ("compute", "memory") for r in device["rows"])
     assert "Roofline estimates" in (ws / "bench" / "report.html").read_text()
+    mixed = cli("bench", ws, "--device", "pixel-8,host", "--runs", "2", "--views", "1")
+    assert mixed.exit_code == 0, mixed.output  # the phone is not connected; the host still runs
+    devices = json.loads((ws / "bench" / "report.json").read_text())["devices"]
+    assert "not reachable" in devices["pixel-8"]["error"] and devices["host"]["rows"][0]["fps"] > 0
+    assert "iphone-13" in devices, "devices benched earlier stay in the report"
 
 
 def test_a_model_that_fails_does_not_stop_the_others(ws: Path, cli) -> None:
@@ -142,3 +147,34 @@ def test_fps_guard_trips_on_a_slower_model_and_names_both_figures() -> None:
     assert f"{baseline['normalised_throughput']:.4f}" in message and "FPS" in message
     again, ok_message = check(baseline, baseline)
     assert again and "render FPS ok" in ok_message
+
+
+# ---- the sweep -------------------------------------------------------------------------------------------
+SWEEP = ["--sweep", "--sweep-depths", "2,4", "--sweep-widths", "16,32", "--sweep-sizes", "32,64", "--sweep-sr-factor", "4",
+         "--sweep-top", "2", "--sweep-budget-s", "16", "--sweep-eval-views", "2"]
+
+
+def test_sweep_picks_a_student_that_mg3d_student_trains(distilled: Path, tmp_path: Path, cli) -> None:
+    ws = Path(shutil.copytree(distilled, tmp_path / "ws"))  # no student needed: the sweep trains its own
+    result = cli("bench", ws, "--device", "host", *SWEEP)
+    assert result.exit_code == 0, result.output
+    sweep = json.loads((ws / "bench" / "host.json").read_text())["sweep"]
+    assert len(sweep["rows"]) == 8 and all(not r["estimate"] and r["latency_ms"] > 0 for r in sweep["rows"])
+    assert len(sweep["trained"]) == 2 and all(t["psnr"] > 10 for t in sweep["trained"])
+    largest = max(sweep["rows"], key=lambda r: r["gmacs"])
+    assert (largest["depth"], largest["width"], largest["long_side"]) in [(t["depth"], t["width"], t["long_side"]) for t in sweep["trained"]]
+    choice = json.loads((ws / "bench" / "choice-host.json").read_text())
+    assert choice["psnr"] == max(t["psnr"] for t in sweep["trained"]) and choice["fps"] >= 30
+    assert "chosen:" in (ws / "bench" / "report.html").read_text()
+    trained = cli("student", ws, "--preset", "tiny", "--steps", "20", "--eval-views", "1", "--for-device", "host")
+    assert trained.exit_code == 0, trained.output
+    spec = json.loads((ws / "student" / "student.json").read_text())["spec"]
+    assert (spec["depth"], spec["width"], spec["sr_factor"], max(spec["width_px"], spec["height_px"])) == (choice["depth"], choice["width"], 4, int(choice["resolution"]))
+
+
+def test_sweep_with_nothing_fast_enough_names_the_fastest(distilled: Path, tmp_path: Path, cli) -> None:
+    ws = Path(shutil.copytree(distilled, tmp_path / "ws"))
+    result = cli("bench", ws, "--device", "host", "--estimate", "--sweep", "--sweep-depths", "28", "--sweep-widths", "256", "--sweep-sizes", "400")
+    assert result.exit_code == 1
+    one_line_error(result, "no student in the grid reaches 30 FPS on host", "28x256 at 400 px", "--sweep-depths")
+    assert one_line_error(cli("student", ws, "--for-device", "pixel"), "no sweep result for pixel-8", "--sweep")
