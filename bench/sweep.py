@@ -88,6 +88,9 @@ def sweep(workspace: Workspace, profile: DeviceProfile, config: Any) -> dict[str
     from mg3d.student.train import train_stage
     from mg3d.ui import progress
 
+    ok, status = reachable(profile)
+    if not ok and not config.estimate:
+        raise BenchError(f"{profile.name} is not reachable: {status}", hint=f"or sweep on estimated latencies: mg3d bench {workspace.root} --device {profile.name} --sweep --estimate")
     base = base_spec(workspace, config.sweep_sr_factor)
     grid = [(d, w, s) for s in _ints(config.sweep_sizes) for d in _ints(config.sweep_depths) for w in _ints(config.sweep_widths)]
     specs = [(d, w, size, spec_at(base, d, w, size)) for d, w, size in grid]

@@ -178,3 +178,4 @@ def test_sweep_with_nothing_fast_enough_names_the_fastest(distilled: Path, tmp_p
     assert result.exit_code == 1
     one_line_error(result, "no student in the grid reaches 30 FPS on host", "28x256 at 400 px", "--sweep-depths")
     assert one_line_error(cli("student", ws, "--for-device", "pixel"), "no sweep result for pixel-8", "--sweep")
+    assert one_line_error(cli("bench", ws, "--device", "pixel", "--sweep"), "pixel-8 is not reachable", "--sweep --estimate")
