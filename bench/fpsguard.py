@@ -2,6 +2,7 @@
 workload measured in the same run, against the baseline committed in ``bench/fps_baseline.json``.
 
     python -m mg3d.bench.fpsguard                    # exit 1 when normalised throughput fell more than 25%
+                                                     # (in each of 3 attempts: a noisy neighbour rarely lasts)
     python -m mg3d.bench.fpsguard --update-baseline  # after an intended change, on a quiet machine
 
 The reference student is the default architecture (MobileR2L size) at 400x400 with seeded random weights,
@@ -117,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline", type=Path, default=BASELINE)
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--attempts", type=int, default=3, help="measure again up to this many times before failing")
     args = parser.parse_args(argv)
     now = measure(threads=args.threads, runs=args.runs)
     if args.update_baseline:
@@ -128,7 +130,14 @@ def main(argv: list[str] | None = None) -> int:
     if not args.baseline.is_file():
         print(f"error: no baseline at {args.baseline}; record one with --update-baseline", file=sys.stderr)
         return 1
-    passed, message = check(now, json.loads(args.baseline.read_text()))
+    baseline = json.loads(args.baseline.read_text())
+    passed, message = check(now, baseline)
+    for attempt in range(2, args.attempts + 1):  # a real regression fails every time; a noisy neighbour rarely does
+        if passed:
+            break
+        print(f"measured {now['normalised_throughput']:.4f}, {message.split(': ')[-1]}; measuring again ({attempt}/{args.attempts})", file=sys.stderr)
+        now = measure(threads=args.threads, runs=args.runs)
+        passed, message = check(now, baseline)
     print(message if passed else f"error: {message}", file=sys.stdout if passed else sys.stderr)
     return 0 if passed else 1
 
