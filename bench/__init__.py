@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import shutil
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from mg3d.config import config_to_dict
@@ -117,7 +116,3 @@ def _headline(result: dict[str, Any]) -> dict[str, Any]:
     best = max(rows, key=lambda r: r["fps"], default=None)
     return {"rows": len(result.get("rows", [])), "best_fps": best["fps"] if best else None, "best": best["file"] if best else None,
             "estimate": bool(best and best.get("estimate")), "errors": sum(1 for r in result.get("rows", []) if "error" in r)}
-
-
-def load_report(workspace: Path) -> dict[str, Any]:
-    return json.loads((Path(workspace) / STAGE / "report.json").read_text())

@@ -31,7 +31,7 @@ def bench_device(workspace: Workspace, profile: DeviceProfile, config: Any) -> d
         raise BenchError(f"{profile.name} is not reachable: {status}", hint=f"or get estimated figures: mg3d bench {workspace.root} --device {profile.name} --estimate")
     variants = _variants(workspace, profile, config)
     if config.estimate:
-        result["rows"] = [_estimate_row(profile, student.spec, precision, name) for name, precision in variants]
+        result["rows"] = [estimate_row(profile, student.spec, precision, name) for name, precision in variants]
         return result
     poses, reference = _reference(workspace, student, config.views)
     for name, precision in variants:
@@ -98,7 +98,7 @@ def _measure(workspace: Workspace, profile: DeviceProfile, student: Any, name: s
     raise BenchError(f"measuring on {profile.transport} devices is not available here", hint="use --estimate")
 
 
-def _estimate_row(profile: DeviceProfile, spec: Any, precision: str, name: str) -> dict[str, Any]:
+def estimate_row(profile: DeviceProfile, spec: Any, precision: str, name: str) -> dict[str, Any]:
     from mg3d.bench.runners import estimate
     from mg3d.student.model import macs_per_frame, sr_channels
 

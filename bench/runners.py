@@ -27,8 +27,9 @@ from mg3d.bench.profiles import BenchError, DeviceProfile
 
 
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2, axis=(1, 2, 3))
-    return round(float(np.mean(-10.0 * np.log10(np.maximum(mse, 1e-12)))), 3)
+    from mg3d.metrics import mean_psnr
+
+    return round(mean_psnr(a, b), 3)
 
 
 def latency_stats(times_ms: list[float]) -> dict[str, float]:

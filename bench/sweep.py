@@ -57,9 +57,9 @@ def latency_ms(profile: DeviceProfile, spec: Any, estimate: bool, runs: int = 10
 
     ok, _ = reachable(profile)
     if estimate or not ok or profile.transport != "local":
-        from mg3d.bench.measure import _estimate_row
+        from mg3d.bench.measure import estimate_row
 
-        return _estimate_row(profile, spec, profile.precision if profile.precision in ("fp32", "fp16", "int8") else "fp32", "")["median_ms"], True
+        return estimate_row(profile, spec, profile.precision if profile.precision in ("fp32", "fp16", "int8") else "fp32", "")["median_ms"], True
     torch.manual_seed(0)
     model = fold_batchnorm(NeLF(spec))
     pose = np.eye(4, dtype=np.float32)[None]

@@ -18,10 +18,8 @@ second target keeps the first (``WS/export/`` holds one folder per target; ``mg3
 from __future__ import annotations
 
 import importlib.util
-import json
 import shutil
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from mg3d.config import config_to_dict
@@ -135,8 +133,3 @@ def size_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
         for v in summary.get("variants", []):
             rows.append({"target": target, **{k: v.get(k) for k in ("file", "precision", "format", "mb", "psnr_vs_fp32", "psnr_loss_db")}})
     return rows
-
-
-def load_model_json(folder: Path) -> dict[str, Any]:
-    """The ``model.json`` of an exported target folder."""
-    return json.loads((Path(folder) / "model.json").read_text())

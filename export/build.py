@@ -11,15 +11,10 @@ import numpy as np
 import torch
 
 from mg3d import __version__
+from mg3d.metrics import mean_psnr
 from mg3d.workspace import Workspace, sha256_file
 
 POSE_CONVENTION = "OpenGL camera-to-world (x right, y up, the camera looks along -z), in the workspace's normalized scene frame"
-
-
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """Mean PSNR over images [N, 3, H, W] in [0, 1]."""
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2, axis=(1, 2, 3))
-    return float(np.mean(-10.0 * np.log10(np.maximum(mse, 1e-12))))
 
 
 class _Views:
@@ -93,13 +88,13 @@ def export_target(workspace: Workspace, config: Any, out: Path) -> dict[str, Any
         summary: dict[str, Any] = {
             "verification": {"poses": len(views.verify), "tolerance": config.tolerance, "max_abs_error_fp32": error},
             "eval_split": views.split, "eval_views": len(views.test),
-            "psnr_torch": _psnr(test_torch.clip(0, 1), views.truth) if views.truth is not None else None,
+            "psnr_torch": mean_psnr(test_torch.clip(0, 1), views.truth) if views.truth is not None else None,
         }
-        keep32 = ox.encoding_nodes(graph, spec.in_channels)
         variants = []
         if target == "ios":
             variants = _coreml_variants(net, spec, config, views, test_torch, out, bar, task)
         else:
+            keep32 = ox.encoding_nodes(graph, spec.in_channels)
             for precision in precisions:
                 path = work / {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}[precision]
                 if precision == "fp16":
@@ -157,10 +152,10 @@ def _variant(path: Path, precision: str, fmt: str, images: np.ndarray | None, fp
     size = path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
     entry: dict[str, Any] = {"file": path.name, "format": fmt, "precision": precision, "bytes": size, "mb": round(size / 1e6, 3)}
     if images is not None:
-        entry["psnr_vs_fp32"] = round(_psnr(images, fp32_test), 3) if not (precision == "fp32" and fmt == "onnx") else None
+        entry["psnr_vs_fp32"] = round(mean_psnr(images, fp32_test), 3) if not (precision == "fp32" and fmt == "onnx") else None
         if views.truth is not None:
-            entry["psnr"] = round(_psnr(images, views.truth), 3)
-            entry["psnr_loss_db"] = round(_psnr(fp32_test, views.truth) - entry["psnr"], 3)
+            entry["psnr"] = round(mean_psnr(images, views.truth), 3)
+            entry["psnr_loss_db"] = round(mean_psnr(fp32_test, views.truth) - entry["psnr"], 3)
     return entry
 
 

@@ -9,7 +9,6 @@ checked (input/output names and shapes, op list, size) and the sidecar says that
 from __future__ import annotations
 
 import platform
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -101,7 +100,3 @@ def can_predict() -> bool:
 def predict(mlmodel: Any, poses: np.ndarray) -> np.ndarray:
     """Images [N, 3, H, W] from Core ML (macOS only)."""
     return np.concatenate([np.asarray(mlmodel.predict({"c2w": p[None].astype(np.float32)})["rgb"]) for p in poses])
-
-
-def folder_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())

@@ -156,13 +156,15 @@ class _Poses:
     """onnxruntime's CalibrationDataReader protocol over camera poses."""
 
     def __init__(self, poses: np.ndarray) -> None:
-        self._it: Iterator[dict[str, np.ndarray]] = iter([{INPUT: p[None].astype(np.float32)} for p in poses])
+        self._feeds = [{INPUT: p[None].astype(np.float32)} for p in poses]
+        self.rewind()
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self._it, None)
 
-    def rewind(self) -> None:  # pragma: no cover - onnxruntime calls it only for some calibrators
-        pass
+    def rewind(self) -> None:
+        """Start again from the first pose (calibrators that make several passes call it)."""
+        self._it: Iterator[dict[str, np.ndarray]] = iter(self._feeds)
 
 
 def to_int8(fp32_path: Path, out_path: Path, poses: np.ndarray, nodes: list[str], method: str = "minmax") -> None:

@@ -6,8 +6,21 @@ SSIM takes [N, C, H, W] (channels first). The MobileR2L/R2L code passes [N, H, W
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    import numpy as np
+
+
+def mean_psnr(pred: np.ndarray, target: np.ndarray) -> float:
+    """Mean PSNR in dB over numpy images [N, C, H, W] in [0, 1] (identical images count as 120 dB)."""
+    import numpy as np
+
+    mse = np.mean((pred.astype(np.float64) - target.astype(np.float64)) ** 2, axis=tuple(range(1, pred.ndim)))
+    return float(np.mean(-10.0 * np.log10(np.maximum(mse, 1e-12))))
 
 
 def psnr(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

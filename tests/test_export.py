@@ -212,3 +212,14 @@ def test_int8_beyond_the_allowed_loss_fails(student_ws: Path, cli) -> None:
         return
     one_line_error(result, "int8 model loses", "allowed: 0.0 dB", "--precision fp32,fp16")
     assert not (student_ws / "export").exists()
+
+
+def test_calibration_reader_gives_every_pose_and_rewinds() -> None:
+    from mg3d.export.onnxmodel import _Poses
+
+    poses = np.stack([np.eye(4, dtype=np.float32) * (i + 1) for i in range(3)])
+    reader = _Poses(poses)
+    first = [reader.get_next() for _ in range(4)]
+    assert [f["c2w"][0, 0, 0] for f in first[:3]] == [1, 2, 3] and first[3] is None
+    reader.rewind()
+    assert reader.get_next()["c2w"].shape == (1, 4, 4)
