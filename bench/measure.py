@@ -95,6 +95,8 @@ def _measure(workspace: Workspace, profile: DeviceProfile, student: Any, name: s
         return runners.run_onnx_local(path, profile, poses, reference, config.warmup, config.runs)
     if profile.transport == "adb":
         return runners.run_adb(path, profile, config.runs)
+    if profile.transport == "browser":
+        return runners.run_browser(path, profile, poses, reference, config.warmup, config.runs, precision, (student.spec.width_px, student.spec.height_px))
     raise BenchError(f"measuring on {profile.transport} devices is not available here", hint="use --estimate")
 
 

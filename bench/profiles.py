@@ -31,7 +31,7 @@ class BenchError(Mg3dError):
 
 TRANSPORTS = ("local", "browser", "adb", "ios", "qemu")
 #: Transports this version measures on; the others get --estimate figures only.
-MEASURED = ("local", "adb", "ios")
+MEASURED = ("local", "adb", "ios", "browser")
 
 
 @dataclass(frozen=True)
@@ -109,6 +109,16 @@ def reachable(profile: DeviceProfile) -> tuple[bool, str]:
         if platform.system() != "Darwin" or shutil.which("xcrun") is None:
             return False, "iPhones are measured from macOS with Xcode (xcrun devicectl); use --estimate here"
         return True, "macOS with Xcode"
+    if profile.transport == "browser":
+        from mg3d.viewer import browser_executable, find_runtime
+
+        if importlib.util.find_spec("playwright") is None:
+            return False, "playwright is not installed: pip install 'mg3d[view]' (and apt-get install chromium)"
+        if browser_executable() is None:
+            return False, "no Chromium here: apt-get install chromium"
+        if find_runtime() is None:
+            return False, "onnxruntime-web is not installed: mg3d view --install-runtime"
+        return True, f"headless Chromium ({browser_executable()})"
     return False, "not reachable"  # pragma: no cover - every measured transport is handled above
 
 

@@ -6,6 +6,7 @@ frames per second, peak memory, and the PSNR of the device's images against the 
 * ``local`` + torch: the student on CUDA in fp16, CUDA-graph replay, device-event timing.
 * ``adb``: pushes the model and the profile's runner binary (an Android build of onnxruntime_perf_test)
   and parses its report. ``ios`` needs macOS with Xcode.
+* ``browser``: the viewer page (onnxruntime-web, WebGPU or WASM) in headless Chromium, timed in the page.
 * ``estimate``: a roofline from the profile's peak rates and the model's multiply-adds and bytes.
 """
 
@@ -87,6 +88,43 @@ def run_onnx_local(path: Path, profile: DeviceProfile, poses: np.ndarray, refere
         raise BenchError(f"{path.name} failed on {profile.name}: {result['error']}")
     return {"load_ms": result["load_ms"], "first_ms": result["first_ms"], **latency_stats(result["times"]), "runs": runs,
             "peak_rss_mb": result["peak_rss_mb"], "psnr_vs_torch": _psnr(result["images"], reference)}
+
+
+def run_browser(path: Path, profile: DeviceProfile, poses: np.ndarray, reference: np.ndarray, warmup: int = 3, runs: int = 20,
+                precision: str = "fp32", resolution: tuple[int, int] | None = None) -> dict[str, Any]:
+    """The model in mg3d's viewer page, served on 127.0.0.1 with COOP/COEP (threaded WASM), in headless
+    Chromium driven by Playwright; latency from ``performance.now()`` around ``session.run``."""
+    from playwright.sync_api import Error as PlaywrightError
+    from playwright.sync_api import sync_playwright
+
+    from mg3d.viewer import browser_executable, model_site, serve_site
+
+    w, h = resolution or (reference.shape[3], reference.shape[2])
+    variant = {"file": path.name, "precision": precision, "mb": round(path.stat().st_size / 1e6, 3)}
+    scene = {"kind": "path", "path": [poses[0].tolist()], "spacing": 0.05, "start": poses[0].tolist(),
+             "model": {"variants": [variant], "resolution": [w, h]}}
+    server = serve_site(*model_site(path.parent, [path.name], scene), port=0)
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=browser_executable(), args=["--no-sandbox", "--enable-unsafe-webgpu"])
+            try:
+                page = browser.new_page()
+                page.goto(server.url + f"?model={path.name}")
+                page.wait_for_function("window.mg3d !== undefined", timeout=60_000)
+                page.evaluate("window.mg3d.ready")
+                stats = page.evaluate(f"async () => await window.mg3d.benchmark({runs}, {warmup})")
+                images = np.stack([np.array(page.evaluate("async (p) => (await window.mg3d.render(p)).pixels", pose.reshape(-1).tolist()),
+                                            np.float32).reshape(3, h, w) for pose in poses])
+                memory = page.evaluate("performance.memory ? performance.memory.usedJSHeapSize : null")
+            finally:
+                browser.close()
+    except PlaywrightError as exc:
+        raise BenchError(f"{path.name} failed in headless Chromium: {str(exc).splitlines()[0][:300]}") from None
+    finally:
+        server.shutdown()
+    return {"load_ms": round(stats["load_ms"], 2), "first_ms": round(stats["first_ms"], 2), **latency_stats(stats["times"]), "runs": runs,
+            "provider": stats["backend"], "threads": stats["threads"], "browser": stats["user_agent"].split(") ")[-1][:80],
+            "js_heap_mb": round(memory / 2**20, 1) if memory else None, "psnr_vs_torch": _psnr(images, reference)}
 
 
 def run_torch_cuda(model: Any, poses: np.ndarray, reference: np.ndarray, warmup: int = 10, runs: int = 100, precision: str = "fp16") -> dict[str, Any]:

@@ -174,7 +174,7 @@ def teacher(ctx: click.Context, workspace: Path, preset: str | None, config_file
             console.print(f"renders: {renders}")
 
 
-_DISTILL_OPTIONS = ["views", "resolution", "trajectory", "jitter", "shard_size", "dtype", "chunk", "device", "seed"]
+_DISTILL_OPTIONS = ["views", "resolution", "trajectory", "jitter", "shard_size", "dtype", "chunk", "device", "seed", "source"]
 
 
 @main.command()
@@ -188,6 +188,7 @@ _DISTILL_OPTIONS = ["views", "resolution", "trajectory", "jitter", "shard_size",
 @click.option("--chunk", type=click.IntRange(min=1), help="Rays per teacher render chunk; lower it to save memory [default: 65536].")
 @click.option("--device", type=str, help="Torch device: auto, cpu, cuda, cuda:1 ... [default: auto].")
 @click.option("--seed", type=int, help="Random seed of the cameras [default: 0].")
+@click.option("--source", type=str, help="Field to render: auto (the active edit, else the teacher), teacher, edit, or an edit's name [default: auto].")
 @click.option("--preset", type=click.Choice(["tiny", "default", "quality"]), help="Preset of option values (configs/<name>.yaml).")
 @click.option("--config", "config_file", type=click.Path(path_type=Path), help="YAML/JSON file with a 'distill:' section; command-line options win.")
 @click.option("--force", is_flag=True, help="Redo the stage even if it is up to date.")
@@ -207,6 +208,187 @@ def distill(ctx: click.Context, workspace: Path, preset: str | None, config_file
     result = run(Workspace(workspace), config, force=force)
     if not result.skipped:
         _print_stage_summary(workspace, "distill", result.manifest)
+
+
+_EDIT_OPTIONS = [
+    "prompt", "name", "edit_model", "guidance_scale", "image_guidance_scale", "diffusion_steps", "noise_min", "noise_max", "mode",
+    "rounds", "edit_every", "edit_batch", "edit_resolution", "edit_dtype", "offload", "attention_slicing", "downscale", "steps", "max_time_s",
+    "lr", "checkpoint_every", "eval_views", "save_views", "chunk", "device", "seed",
+]
+
+
+@main.command()
+@click.argument("workspace", type=click.Path(path_type=Path))
+@click.option("--prompt", "-p", type=str, help='The instruction, e.g. "Turn her into a Van Gogh painting".')
+@click.option("--name", type=str, help="Folder of the result, WORKSPACE/edit/NAME [default: from the prompt].")
+@click.option("--edit-model", type=str, help="InstructPix2Pix: a model id (local Hugging Face cache or the hub), a local diffusers folder, or builtin:color (a fixed colour transform, for checks) [default: timbrooks/instruct-pix2pix].")
+@click.option("--guidance-scale", type=click.FloatRange(min=0), help="Text guidance: how strongly to follow the prompt [default: 7.5].")
+@click.option("--image-guidance-scale", type=click.FloatRange(min=0), help="Image guidance: how closely to keep the photo [default: 1.5].")
+@click.option("--diffusion-steps", type=click.IntRange(min=1), help="DDIM steps per edit [default: 20].")
+@click.option("--noise-min", type=click.FloatRange(0, 1), help="Lowest noise level an edit starts from, fraction of the diffusion [default: 0.02].")
+@click.option("--noise-max", type=click.FloatRange(0, 1), help="Highest noise level [default: 0.98].")
+@click.option("--mode", type=click.Choice(["rounds", "idu"]), help="rounds: edit all views between training rounds; idu: IN2N, one view every --edit-every steps [default: rounds].")
+@click.option("--rounds", type=click.IntRange(min=1), help="Editing rounds (rounds mode) [default: 3].")
+@click.option("--edit-every", type=click.IntRange(min=1), help="Steps between single-view edits (idu mode) [default: 10].")
+@click.option("--edit-batch", type=click.IntRange(min=1), help="Views per diffusion batch (rounds mode) [default: 4].")
+@click.option("--edit-resolution", type=click.IntRange(min=64), help="Long side the diffusion runs at; lower it to save memory [default: 512].")
+@click.option("--edit-dtype", type=click.Choice(["auto", "float16", "bfloat16", "float32"]), help="Editor precision; auto: float16 on CUDA [default: auto].")
+@click.option("--offload/--no-offload", default=None, help="Keep the editor in CPU memory, each model on the GPU only while it runs [default: off].")
+@click.option("--attention-slicing/--no-attention-slicing", default=None, help="Slice the UNet's attention to save memory [default: off].")
+@click.option("--downscale", type=click.IntRange(min=0), help="Shrink the training images by this factor for the edit; 0: as the teacher trained [default: 0].")
+@click.option("--steps", type=click.IntRange(min=1), help="Training steps of the field during the edit [default: 3000].")
+@click.option("--max-time-s", type=click.FloatRange(min=0), help="Stop training after this many seconds; 0: no limit [default: 0].")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Learning rate of the field [default: 0.01].")
+@click.option("--checkpoint-every", type=click.IntRange(min=1), help="Save a checkpoint to resume from every this many steps [default: 500].")
+@click.option("--eval-views", type=click.IntRange(min=0), help="Held-out views rendered before and after; 0: all [default: 8].")
+@click.option("--save-views", type=click.IntRange(min=0), help="Side-by-side pictures (original | edited) to write [default: 4].")
+@click.option("--chunk", type=click.IntRange(min=1), help="Rays per render chunk; lower it to save memory [default: 65536].")
+@click.option("--device", type=str, help="Torch device: auto, cpu, cuda, cuda:1 ... [default: auto].")
+@click.option("--seed", type=int, help="Random seed [default: 0].")
+@click.option("--preview", is_flag=True, help="Edit a few training photos in 2D only and write one picture; no 3D, seconds.")
+@click.option("--preview-views", type=click.IntRange(min=1), default=4, show_default=True, help="Photos to edit with --preview.")
+@click.option("--use", "use", type=str, help="Make a finished edit (its NAME, or 'none' for the unedited teacher) the one later stages read, and stop.")
+@click.option("--preset", type=click.Choice(["tiny", "default", "quality"]), help="Preset of option values (configs/<name>.yaml).")
+@click.option("--config", "config_file", type=click.Path(path_type=Path), help="YAML/JSON file with an 'edit:' section; command-line options win.")
+@click.option("--force", is_flag=True, help="Redo this edit even if it is up to date (and drop its checkpoint).")
+@click.pass_context
+def edit(ctx: click.Context, workspace: Path, preview: bool, preview_views: int, use: str | None, preset: str | None, config_file: Path | None,
+         force: bool, **_: Any) -> None:
+    """Edit the scene in WORKSPACE by a text instruction, consistently in 3D (Instruct-NeRF2NeRF).
+
+    The teacher keeps training while InstructPix2Pix edits its renders, conditioned on the photos.
+    Writes WORKSPACE/edit/NAME/ (edited field, edited images, before | after pictures) and makes it the
+    edit that distill, student and export use. Each prompt keeps its own folder; --use switches.
+    An interrupted edit resumes when run again with the same prompt and options.
+
+    \b
+    Try a prompt on a few photos first (seconds):
+      mg3d edit WS --prompt "Turn her into a Van Gogh painting" --preview
+    """
+    from mg3d.config import resolve_config
+    from mg3d.edit import EditConfig, preview as make_preview, run
+    from mg3d.ui import console
+    from mg3d.workspace import Workspace
+
+    ws = Workspace(workspace)
+    if use is not None:
+        ws.require("teacher", how=f"run mg3d teacher {workspace} first")
+        ws.set_active_edit(None if use == "none" else use)
+        console.print(f"later stages now read {'the unedited teacher' if use == 'none' else workspace / 'edit' / use}")
+        return
+    config = resolve_config(EditConfig, "edit", preset, config_file, _overrides(ctx, _EDIT_OPTIONS))
+    if preview:
+        path = make_preview(ws, config, preview_views)
+        console.print(f"preview: {path}")
+        return
+    result = run(ws, config, force=force)
+    if not result.skipped:
+        _print_stage_summary(workspace, f"edit/{result.name}", result.manifest)
+        console.print(f"before | after: {workspace / 'edit' / result.name / 'renders'}")
+
+
+@main.command()
+@click.argument("workspace", type=click.Path(path_type=Path), required=False)
+@click.option("--port", type=click.IntRange(0, 65535), help="Port to serve on [default: 8173, or the next free one].")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; another than 127.0.0.1 exposes the viewer to your network on purpose.")
+@click.option("--open", "open_browser", is_flag=True, help="Open the page in the default browser.")
+@click.option("--export-static", "static_dir", type=click.Path(path_type=Path), help="Write the site (page, runtime, model) to this new folder instead of serving it.")
+@click.option("--no-isolation", is_flag=True, help="Serve without the COOP/COEP headers (WebAssembly then runs on one thread); for checks.")
+@click.option("--install-runtime", is_flag=True, help="Fetch onnxruntime-web from its npm package into the cache and stop.")
+def view(workspace: Path | None, port: int | None, host: str, open_browser: bool, static_dir: Path | None, no_isolation: bool, install_runtime: bool) -> None:
+    """Serve the web export of WORKSPACE as an interactive page (onnxruntime-web, WebGPU or WASM).
+
+    \b
+    mg3d export ws --target web && mg3d view ws --open
+    mg3d view ws --export-static site/      # the same page as files, for any static host
+    """
+    from mg3d.ui import console
+    from mg3d import viewer
+
+    if install_runtime:
+        console.print(f"onnxruntime-web {viewer.ORT_WEB_VERSION}: {viewer.install_runtime()}")
+        return
+    if workspace is None:
+        raise InputError("WORKSPACE is missing", hint="mg3d view WS (after mg3d export WS --target web)")
+    from mg3d.workspace import Workspace
+
+    ws = Workspace(workspace)
+    if static_dir is not None:
+        out = viewer.export_static(ws, static_dir)
+        console.print(f"static site: {out} (serve it with the COOP/COEP headers in _headers for multi-threaded WebAssembly)")
+        return
+    server = viewer.serve(ws, host=host, port=port, isolate=not no_isolation)
+    console.print(f"mg3d viewer on [bold]{server.url}[/] (Ctrl-C to stop)")
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        console.print(f"[yellow]note:[/] bound to {host}: other machines on your network can open it")
+    if open_browser:
+        import webbrowser
+
+        webbrowser.open(server.url)
+    try:
+        server.thread.join()
+    except KeyboardInterrupt:
+        server.shutdown()
+        console.print("viewer stopped")
+
+
+@main.command()
+@click.argument("source", required=False, type=click.Path(path_type=Path))
+@click.option("--prompt", "-p", type=str, default="", help='The edit instruction, e.g. "Turn her into a Van Gogh painting".')
+@click.option("--out", "-o", "out", type=click.Path(path_type=Path), help="Workspace folder [default: demo-ws with --demo].")
+@click.option("--demo", is_flag=True, help="Use the built-in demo video (with --preset tiny unless a preset is given).")
+@click.option("--preset", type=click.Choice(["tiny", "default", "quality"]), help="Preset of every stage's options [default: default; tiny with --demo].")
+@click.option("--targets", default="onnx,android,ios,web", show_default=True, help="Export targets, comma-separated.")
+@click.option("--device", "devices", default="", help="Devices to bench besides this machine (measured when connected, else estimated), comma-separated.")
+@click.option("--edit-model", type=str, help="InstructPix2Pix weights: model id, local folder, or builtin:color [default: timbrooks/instruct-pix2pix].")
+@click.option("--no-edit", is_flag=True, help="Skip the edit: phone-ready models of the scene as captured.")
+@click.option("--set", "sets", multiple=True, help="Any stage option, STAGE.OPTION=VALUE (e.g. teacher.max_time_s=300); repeatable.")
+@click.option("--config", "config_file", type=click.Path(path_type=Path), help="YAML/JSON file with a section per stage; --set wins.")
+@click.option("--force", is_flag=True, help="Redo every stage even if it is up to date.")
+def build(source: Path | None, prompt: str, out: Path | None, demo: bool, preset: str | None, targets: str, devices: str,
+          edit_model: str | None, no_edit: bool, sets: tuple[str, ...], config_file: Path | None, force: bool) -> None:
+    """Everything in one command: capture, teacher, edit, distill, student, export, bench, report.
+
+    SOURCE is a video, a folder of photos or a posed dataset. Stages that are up to date are skipped, so
+    an interrupted build resumes when run again, and a new --prompt redoes only the edit and what
+    follows. The report is OUT/report.html (mg3d report OUT writes it again).
+
+    \b
+      mg3d build --demo --no-edit --out demo-ws          # the built-in demo, CPU, minutes
+      mg3d build video.mp4 --prompt "Turn her into a Van Gogh painting" --out ws
+    """
+    from mg3d.build import BuildOptions, build as run_build, command_line, parse_sets
+
+    if demo == (source is not None):
+        raise InputError("give either SOURCE or --demo", hint="e.g. mg3d build video.mp4 --prompt \"...\" --out ws, or mg3d build --demo --no-edit")
+    if demo:
+        from mg3d.demo import video_path
+
+        source, out, preset = video_path(), out or Path("demo-ws"), preset or "tiny"
+    if out is None:
+        raise InputError("--out is missing", hint="name the workspace folder, e.g. --out ws")
+    overrides = parse_sets(sets)
+    if edit_model:
+        overrides.setdefault("edit", {})["edit_model"] = edit_model
+    opts = BuildOptions(source=source, out=out, prompt=prompt, edit=not no_edit, preset=preset or "default",
+                        targets=tuple(t.strip() for t in targets.split(",") if t.strip()), devices=tuple(d.strip() for d in devices.split(",") if d.strip()),
+                        config_file=config_file, overrides=overrides, force=force, command=command_line())
+    try:
+        run_build(opts)
+    except KeyboardInterrupt:
+        _error(f"interrupted; the finished stages are kept: run the same command again to resume ({opts.command})")
+        sys.exit(130)
+
+
+@main.command()
+@click.argument("workspace", type=click.Path(path_type=Path))
+def report(workspace: Path) -> None:
+    """Write WORKSPACE/report.html again from what the workspace holds."""
+    from mg3d.report import write_report
+    from mg3d.ui import console
+    from mg3d.workspace import Workspace
+
+    console.print(f"report: {write_report(Workspace(workspace))}")
 
 
 _STUDENT_OPTIONS = [
@@ -442,6 +624,10 @@ def _headline(stage: str, m: dict[str, Any]) -> str:
                                for d, v in m["devices"].items()))
     if stage == "export" and "targets" in m:
         parts.append(", ".join(f"{t}: {len(v.get('variants', []))} models" for t, v in m["targets"].items()))
+    if stage.startswith("edit/") and "edits" in m:
+        parts.append(f"{m['edits']} edits ({m.get('mode')}, {m.get('editor')}), 3D vs edits {_fmt(m.get('train_view_psnr_vs_edits'))} dB")
+        if "held_out_psnr_vs_transform" in m:
+            parts.append(f"held-out vs expected {_fmt(m['held_out_psnr_vs_transform'])} dB")
     if "psnr_gap_to_teacher" in m:
         parts.append(f"{_fmt(m['psnr_gap_to_teacher'])} dB below the teacher")
     return ", ".join(parts)

@@ -7,6 +7,10 @@ Layout::
       capture/                # one folder per finished stage ...
         manifest.json         # ... whose manifest is written last and atomically
       .teacher.partial/       # a stage in progress writes here, never into teacher/
+      edit/                   # a stage with several results keeps each in a sub-folder ("edit/<name>")
+        van-gogh/manifest.json
+        .sepia.partial/
+        active.json           # which one later stages read
 
 A stage writes into ``WS/.<stage>.partial/``. Only when it succeeds is ``manifest.json`` written (to a
 temporary name, fsynced, renamed) and the folder swapped into place, so an interrupted or failed stage
@@ -35,6 +39,7 @@ from mg3d.errors import WorkspaceError
 
 MANIFEST = "manifest.json"
 MARKER = "workspace.json"
+ACTIVE_EDIT = "active.json"
 SCHEMA_VERSION = 1
 #: The order stages run in; ``mg3d info`` lists them this way.
 STAGE_ORDER = ("capture", "teacher", "edit", "distill", "student", "export", "bench")
@@ -115,6 +120,11 @@ class Workspace:
     def stage_dir(self, stage: str) -> Path:
         return self.root / stage
 
+    def partial_dir(self, stage: str) -> Path:
+        """Where ``stage`` is written while it runs: ``WS/.teacher.partial``, ``WS/edit/.sepia.partial``."""
+        final = self.root / stage
+        return final.parent / f".{final.name}.partial"
+
     def manifest(self, stage: str) -> dict[str, Any] | None:
         """The finished stage's manifest, or None when the stage has not finished."""
         path = self.stage_dir(stage) / MANIFEST
@@ -132,14 +142,16 @@ class Workspace:
         if not self.root.is_dir():
             return []
         names = [p.name for p in self.root.iterdir() if p.is_dir() and (p / MANIFEST).is_file()]
+        names += [f"edit/{name}" for name in self.edits()]
         rank = {name: i for i, name in enumerate(STAGE_ORDER)}
-        return sorted(names, key=lambda n: (rank.get(n, len(rank)), n))
+        return sorted(names, key=lambda n: (rank.get(n.split("/")[0], len(rank)), n))
 
     def partial_stages(self) -> list[str]:
         """Stages that were started and did not finish (their partial folder is still there)."""
         if not self.root.is_dir():
             return []
-        return sorted(p.name[1 : -len(".partial")] for p in self.root.glob(".*.partial") if p.is_dir())
+        found = [p for pattern in (".*.partial", "*/.*.partial") for p in self.root.glob(pattern) if p.is_dir()]
+        return sorted(str(p.parent.relative_to(self.root) / p.name[1 : -len(".partial")]).removeprefix("./") for p in found)
 
     def require(self, stage: str, how: str = "") -> Path:
         """The folder of a finished stage, or a WorkspaceError that says which command makes it."""
@@ -148,6 +160,49 @@ class Workspace:
         if self.manifest(stage) is None:
             raise WorkspaceError(f"workspace {self.root} has no finished {stage} stage", hint=how or f"run mg3d {stage} first")
         return self.stage_dir(stage)
+
+    # ---- which radiance field later stages read: the teacher, or one of the edits -------------------
+    def edits(self) -> list[str]:
+        """Names of the finished edits (``WS/edit/<name>/``)."""
+        folder = self.root / "edit"
+        return sorted(p.name for p in folder.iterdir() if (p / MANIFEST).is_file()) if folder.is_dir() else []
+
+    def active_edit(self) -> str | None:
+        """The edit that ``mg3d edit`` made or chose last (``WS/edit/active.json``), if it is finished."""
+        path = self.root / "edit" / ACTIVE_EDIT
+        if not path.is_file():
+            return None
+        try:
+            name = json.loads(path.read_text())["name"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+            raise WorkspaceError(f"{path} is corrupt", hint="choose an edit again with mg3d edit WS --use NAME") from None
+        return name if name in self.edits() else None
+
+    def set_active_edit(self, name: str | None) -> None:
+        """Make ``WS/edit/<name>`` the field later stages read (None: the unedited teacher)."""
+        if name is not None and name not in self.edits():
+            raise WorkspaceError(f"{self.root} has no finished edit named {name!r}", hint=f"finished edits: {', '.join(self.edits()) or 'none'}")
+        (self.root / "edit").mkdir(parents=True, exist_ok=True)
+        _write_json_atomic(self.root / "edit" / ACTIVE_EDIT, {"name": name})
+
+    def field_source(self, choice: str = "auto") -> str:
+        """The stage whose radiance field later stages read: ``teacher`` or ``edit/<name>``.
+
+        ``choice``: auto (the active edit if there is one, else the teacher), teacher, edit (the active
+        edit, which must exist) or the name of an edit.
+        """
+        if choice == "teacher":
+            return "teacher"
+        active = self.active_edit()
+        if choice == "auto":
+            return f"edit/{active}" if active else "teacher"
+        name = active if choice == "edit" else choice
+        if name is None or name not in self.edits():
+            raise WorkspaceError(
+                f"{self.root} has no finished edit {'' if choice == 'edit' else repr(choice) + ' '}to read".replace("  ", " "),
+                hint=f"run mg3d edit {self.root} --prompt \"...\" first (finished edits: {', '.join(self.edits()) or 'none'})",
+            )
+        return f"edit/{name}"
 
     def is_up_to_date(self, stage: str, config: dict[str, Any], inputs: dict[str, Any]) -> bool:
         """True when the stage finished with this config and these input contents, and its outputs exist."""
@@ -166,7 +221,11 @@ class Workspace:
         A ``resumable`` stage keeps its partial folder when it fails or is interrupted, and finds it
         again next time (its checkpoints are there); other stages start from an empty folder.
         """
-        leftovers = lambda p: p.name.endswith((".partial", ".old")) and p.name.startswith(".")  # noqa: E731
+        def leftovers(p: Path) -> bool:  # what an unfinished stage leaves: WS/.x.partial, WS/edit/.y.partial
+            if p.name.startswith(".") and p.name.endswith((".partial", ".old")):
+                return True
+            return p.name in STAGE_ORDER and p.is_dir() and all(q.name.startswith(".") and q.name.endswith((".partial", ".old")) for q in p.iterdir())
+
         foreign = self.root.exists() and any(not leftovers(p) for p in self.root.iterdir())
         if foreign and not (self.root / MARKER).is_file():
             raise WorkspaceError(
@@ -179,8 +238,8 @@ class Workspace:
         """Finish a swap that was interrupted between its two renames."""
         if not self.root.is_dir():
             return
-        for old in self.root.glob(".*.old"):
-            final = self.root / old.name[1 : -len(".old")]
+        for old in [*self.root.glob(".*.old"), *self.root.glob("*/.*.old")]:
+            final = old.parent / old.name[1 : -len(".old")]
             if not final.exists() and (old / MANIFEST).is_file():
                 old.rename(final)
             else:
@@ -206,7 +265,7 @@ class StageRun:
         self.metrics: dict[str, Any] = {}
         self.outputs: dict[str, str] = {}
         self.device = "cpu"  # a stage that runs on a GPU says so, e.g. "cuda:0 (NVIDIA H100)"
-        self.path = workspace.root / f".{stage}.partial"
+        self.path = workspace.partial_dir(stage)
         self.manifest: dict[str, Any] = {}
         self._created_root = False
         self._t0 = 0.0
@@ -217,7 +276,7 @@ class StageRun:
         self.workspace.root.mkdir(parents=True, exist_ok=True)
         if self.path.exists() and not self.resumable:
             shutil.rmtree(self.path)
-        self.path.mkdir(exist_ok=True)
+        self.path.mkdir(parents=True, exist_ok=True)
         self._t0, self._started = time.perf_counter(), _now()
         return self
 
@@ -258,7 +317,8 @@ class StageRun:
         root = self.workspace.root
         if not (root / MARKER).is_file():
             _write_json_atomic(root / MARKER, {"schema": SCHEMA_VERSION, "created": _now(), "mg3d": __version__})
-        final, old = root / self.stage, root / f".{self.stage}.old"
+        final = root / self.stage
+        old = final.parent / f".{final.name}.old"
         if final.exists():
             final.rename(old)
         self.path.rename(final)

@@ -1,11 +1,12 @@
 """Latency and on-device agreement of the default and a small student at 256 and 400 px on one device.
 
 Each student gets its own workspace: the dataset imported, the student installed with seeded random
-weights (latency does not depend on training), exported for onnx (not for
-``cuda``, which runs torch), then ``mg3d bench --precision all``.
+weights (latency does not depend on training), exported for onnx (web for ``browser``;
+nothing for ``cuda``, which runs torch), then ``mg3d bench --precision all``.
 
     python scripts/bench_devices.py ../shared/data/lego-400 --device host --out bench-results
     python scripts/bench_devices.py .gpudata/lego --device cuda --out $OUT
+    python scripts/bench_devices.py ../shared/data/lego-400 --device browser --out bench-results   # headless Chromium
 
 Writes ``<out>/devices_<device>.json`` and prints one line per variant.
 """
@@ -64,8 +65,9 @@ def main() -> None:
                 model.save(student_dir)
                 ws = Path(tmp) / f"{arch}-{size}"
                 install_student(ws, args.dataset, student_dir)
-                if profile.runtime != "torch":
-                    export(Workspace(ws), ExportConfig(target="onnx", eval_views=2, calib_views=8, max_int8_loss_db=100.0))
+                if profile.runtime != "torch":  # the browser loads the web export (fp32 + fp16), the rest the onnx one
+                    target = "web" if profile.transport == "browser" else "onnx"
+                    export(Workspace(ws), ExportConfig(target=target, eval_views=2, calib_views=8, max_int8_loss_db=100.0))
                 report = bench(Workspace(ws), BenchConfig(device=args.device, precision="all", runs=args.runs, views=4))
                 for row in report["devices"][profile.name]["rows"]:
                     rows.append({"student": arch, **fields, **row})

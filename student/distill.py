@@ -42,8 +42,11 @@ class DistillConfig:
     chunk: int = 1 << 16  # rays per teacher render chunk
     device: str = "auto"
     seed: int = 0
+    source: str = "auto"  # the field to render: auto (the active edit, else the teacher), teacher, edit, or an edit's name
 
     def __post_init__(self) -> None:
+        if not self.source:
+            raise ConfigError("source must not be empty", hint="use auto, teacher, edit or the name of an edit")
         if self.views < 1 or self.shard_size < 1 or self.chunk < 1 or self.resolution < 0 or self.jitter < 0:
             raise ConfigError("views, shard_size and chunk must be positive; resolution and jitter not negative")
         if self.trajectory not in ("auto", "orbit", "path"):
@@ -66,10 +69,13 @@ def pseudo_size(width: float, height: float, long_side: int) -> tuple[int, int]:
     return max(16, int(round(width * scale / 16)) * 16), max(16, int(round(height * scale / 16)) * 16)
 
 
-def teacher_input(workspace: Workspace) -> dict[str, Any]:
-    """The teacher this stage reads, as a manifest input entry."""
-    folder = workspace.require("teacher", how=f"run mg3d teacher {workspace.root} first")
-    return {"teacher": {"path": str(folder / "manifest.json"), "sha256": sha256_file(folder / "manifest.json")}}
+def teacher_input(workspace: Workspace, source: str = "auto") -> dict[str, Any]:
+    """The radiance field this stage reads (the teacher, or an edit of it), as a manifest input entry."""
+    workspace.require("teacher", how=f"run mg3d teacher {workspace.root} first")
+    stage = workspace.field_source(source)
+    folder = workspace.stage_dir(stage)
+    entry = {"path": str(folder / "manifest.json"), "sha256": sha256_file(folder / "manifest.json")}
+    return {"teacher": entry} if stage == "teacher" else {"edit": {**entry, "stage": stage}}
 
 
 def run(workspace: Workspace, config: DistillConfig, force: bool = False) -> DistillResult:
@@ -78,7 +84,8 @@ def run(workspace: Workspace, config: DistillConfig, force: bool = False) -> Dis
     from mg3d.teacher import _device
     from mg3d.ui import console
 
-    inputs = teacher_input(workspace)
+    inputs = teacher_input(workspace, config.source)
+    source = workspace.field_source(config.source)
     config_dict = config_to_dict(config)
     if not force and workspace.is_up_to_date(STAGE, config_dict, inputs):
         console.print(f"distill in {workspace.root} is up to date (use --force to redo it)")
@@ -95,7 +102,7 @@ def run(workspace: Workspace, config: DistillConfig, force: bool = False) -> Dis
     key = hashlib.sha256(json.dumps([{k: v for k, v in config_dict.items() if k not in ("chunk", "device")}, inputs], sort_keys=True).encode()).hexdigest()[:16]
     with workspace.begin(STAGE, config_dict, inputs, resumable=True) as run_:
         run_.device = f"{device} ({_gpu_name(device)})" if device.type == "cuda" else "cpu"
-        run_.metrics.update(_render(workspace, scene, train_idx, downscale, config, device, run_.path, key))
+        run_.metrics.update(_render(workspace, source, scene, train_idx, downscale, config, device, run_.path, key))
         run_.outputs.update({"meta": "distill.json", "cameras": "cameras.npy"})
     return DistillResult(run_.manifest, skipped=False)
 
@@ -106,7 +113,7 @@ def _gpu_name(device: Any) -> str:
     return torch.cuda.get_device_name(device)
 
 
-def _render(workspace: Workspace, scene: Any, train_idx: np.ndarray, downscale: int, config: DistillConfig, device: Any, out: Path, key: str) -> dict[str, Any]:
+def _render(workspace: Workspace, source: str, scene: Any, train_idx: np.ndarray, downscale: int, config: DistillConfig, device: Any, out: Path, key: str) -> dict[str, Any]:
     import torch
 
     from mg3d.student.cameras import camera_kind, sample_cameras
@@ -129,7 +136,7 @@ def _render(workspace: Workspace, scene: Any, train_idx: np.ndarray, downscale: 
     key_path.write_text(json.dumps({"key": key}))
     np.save(out / "cameras.npy", cameras)
 
-    teacher = Teacher.load(workspace.stage_dir("teacher"), device=device)
+    teacher = Teacher.load(workspace.stage_dir(source), device=device)
     if device.type == "cuda":
         teacher.compile_encoding()  # 1.8x faster rendering (tests/test_teacher_parity.py checks it)
     dtype = np.uint8 if config.dtype == "uint8" else np.float16
@@ -161,7 +168,7 @@ def _render(workspace: Workspace, scene: Any, train_idx: np.ndarray, downscale: 
         "schema": 1, "count": config.views, "width": width, "height": height, "fx": fx, "fy": fy, "cx": cx, "cy": cy,
         "dtype": config.dtype, "shards": [f"shard_{n:04d}.npy" for n in range(len(shards))], "kind": kind,
         "near": near, "far": far, "unbounded": bool(teacher.spec.unbounded),
-        "bound": float(teacher.spec.bound), "background": teacher.spec.background,
+        "bound": float(teacher.spec.bound), "background": teacher.spec.background, "source": source,
     }
     (out / "distill.json").write_text(json.dumps(meta, indent=2) + "\n")
     key_path.unlink()
@@ -170,7 +177,7 @@ def _render(workspace: Workspace, scene: Any, train_idx: np.ndarray, downscale: 
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return {
-        "views": config.views, "resolution": [width, height], "kind": kind, "near": round(near, 4), "far": round(far, 4),
+        "views": config.views, "resolution": [width, height], "kind": kind, "source": source, "near": round(near, 4), "far": round(far, 4),
         "rendered_now": rendered, "render_fps": round(rendered / max(render_s, 1e-9), 2),
         "bytes": int(sum((out / s).stat().st_size for s in meta["shards"])),
     }

@@ -3,6 +3,7 @@ of the same cameras, render speed of both, and side-by-side pictures (truth | te
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,8 @@ def evaluate(model: NeLF, workspace: Workspace, scene: Scene, indices: np.ndarra
     from mg3d.ui import progress
 
     device = next(model.parameters()).device
-    teacher = Teacher.load(workspace.stage_dir("teacher"), device=device) if with_teacher else None
+    source = json.loads((workspace.stage_dir("distill") / "distill.json").read_text()).get("source", "teacher")
+    teacher = Teacher.load(workspace.stage_dir(source), device=device) if with_teacher else None
     if teacher is not None and device.type == "cuda":
         teacher.compile_encoding()
     spec = model.spec

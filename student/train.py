@@ -106,7 +106,10 @@ def train_stage(workspace: Workspace, config: Any, out: Path, key: str, run_: An
         name = f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "cpu"
         run_.device = name + (f" x{world} processes" if world > 1 else "")
     scene = load_nerfstudio(workspace.stage_dir("capture") / "transforms.json")
-    real = real_views(scene, scene.splits["train"], spec.width_px, spec.height_px) if config.finetune_fraction > 0 else None
+    source = data.meta.get("source", "teacher")
+    # the fine-tune learns from the photos, or from the edited images when the field is an edit
+    real_scene = scene if source == "teacher" else load_nerfstudio(workspace.stage_dir(source) / "transforms.json")
+    real = real_views(real_scene, real_scene.splits["train"], spec.width_px, spec.height_px) if config.finetune_fraction > 0 else None
     model = NeLF(spec).to(device)
     try:
         metrics = train(model, data, real, config, out, key, device, rank, world)
@@ -135,6 +138,9 @@ def train_stage(workspace: Workspace, config: Any, out: Path, key: str, run_: An
         console.print("[yellow]note:[/] the capture has no held-out views; PSNR/SSIM are not measured")
         return metrics
     metrics.update(evaluate(model, workspace, scene, scene.splits[eval_split], config, out / "renders", with_teacher))
+    if source != "teacher":  # held-out photos show the scene before the edit; the edited teacher is the reference
+        metrics["field"] = source
+        metrics["psnr_note"] = "psnr/ssim compare with the unedited photos; psnr_vs_teacher with the edited field"
     metrics["eval_split"] = eval_split
     return metrics
 

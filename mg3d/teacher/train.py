@@ -7,7 +7,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -74,8 +74,12 @@ def make_optimizer(model: Teacher, lr: float) -> torch.optim.Optimizer:
     return torch.optim.Adam(groups, betas=(0.9, 0.99), eps=1e-15)
 
 
-def train(model: Teacher, views: Views, config: Any, folder: Path, key: str, progress: Any) -> dict[str, Any]:
-    """Train ``model`` in place; checkpoints go to ``folder``. Returns training metrics."""
+def train(model: Teacher, views: Views, config: Any, folder: Path, key: str, progress: Any, hook: Callable[[int], None] | None = None,
+          label: str = "teacher") -> dict[str, Any]:
+    """Train ``model`` in place; checkpoints go to ``folder``. Returns training metrics.
+
+    ``hook(step)`` runs after every step; the edit stage replaces ``views.images`` there (IN2N's dataset update).
+    """
     device = views.images.device
     optimizer = make_optimizer(model, config.lr)
     meta = load_checkpoint(folder, model, optimizer, key, TeacherError, required=("key", "step", "elapsed_s", "rays"))
@@ -83,7 +87,7 @@ def train(model: Teacher, views: Views, config: Any, folder: Path, key: str, pro
     last_good = step
     threshold = grid_threshold(model.spec.dt_min)
     n = views.images.shape[0]
-    task = progress.add_task("teacher", total=config.steps, completed=step, loss=float("nan"), psnr=float("nan"))
+    task = progress.add_task(label, total=config.steps, completed=step, loss=float("nan"), psnr=float("nan"))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and config.mixed_precision)
     samples_seen, loss_value, t_start = 0.0, float("nan"), time.perf_counter() - elapsed
     image_ids = torch.arange(n, device=device)
@@ -127,6 +131,8 @@ def train(model: Teacher, views: Views, config: Any, folder: Path, key: str, pro
                 hint=f"lower --target-samples (now {config.target_samples}) or --log2-size (now {config.log2_size})",
             ) from None
         step += 1
+        if hook is not None:
+            hook(step)
         samples = int(out["samples"])
         samples_seen += samples
         if config.target_samples and samples > 0:
