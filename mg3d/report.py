@@ -128,10 +128,10 @@ def write_report(ws: Workspace) -> Path:
     rows = []
     for name, m in manifests.items():
         stage = name.split("/")[0]
-        timing = (build.get("stages", {}).get(stage) or {})
-        rows.append([name, m.get("metrics", {}).get("duration_s"), "up to date (skipped)" if timing.get("skipped") else "",
-                     key_figure(ws, stage) if stage != "edit" or name == f"edit/{ws.active_edit()}" else "", m.get("device", {}).get("kind", "")])
-    parts.append("<h2>Stages</h2>" + _table(["stage", "seconds", "this build", "key figure", "device"], rows))
+        timing = build.get("stages", {}).get(stage) if stage != "edit" or name == f"edit/{ws.active_edit()}" else None
+        took = "up to date" if timing and timing["skipped"] else timing["seconds"] if timing else m.get("metrics", {}).get("duration_s")
+        rows.append([name, took, key_figure(ws, stage) if timing or stage != "edit" else "", m.get("device", {}).get("kind", "")])
+    parts.append("<h2>Stages</h2>" + _table(["stage", "seconds (last build)", "key figure", "device"], rows))
     if build.get("total_s"):
         parts.append(f"<p>last build: {build['total_s']:.0f} s in total, finished {html.escape(build.get('finished', ''))}</p>")
 
