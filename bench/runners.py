@@ -106,7 +106,7 @@ def run_browser(path: Path, profile: DeviceProfile, poses: np.ndarray, reference
     server = serve_site(*model_site(path.parent, [path.name], scene), port=0)
     try:
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=browser_executable(), args=["--no-sandbox", "--enable-unsafe-webgpu"])
+            browser = p.chromium.launch(executable_path=browser_executable(), args=["--no-sandbox"])
             try:
                 page = browser.new_page()
                 page.goto(server.url + f"?model={path.name}")

@@ -86,7 +86,9 @@ async function pickBackend() {
   if (params.get("backend") === "wasm" || !("gpu" in navigator)) return { name: "wasm" };
   try {
     const adapter = await navigator.gpu.requestAdapter();
-    if (adapter) return { name: "webgpu", f16: adapter.features.has("shader-f16") };
+    // a fallback adapter is a CPU emulation of a GPU (SwiftShader): WebAssembly is faster there
+    const fallback = adapter && (adapter.isFallbackAdapter || (adapter.info && adapter.info.isFallbackAdapter));
+    if (adapter && !fallback) return { name: "webgpu", f16: adapter.features.has("shader-f16") };
   } catch (e) { /* no adapter: WASM */ }
   return { name: "wasm" };
 }
