@@ -56,7 +56,8 @@ def _variants(workspace: Workspace, profile: DeviceProfile, config: Any) -> list
         if config.estimate:
             return [(f"model ({p})", p) for p in (("fp32", "fp16", "int8") if wanted == "all" else (wanted,))]
         raise BenchError(f"{workspace.root} has no export for {target} (needed by {profile.name})", hint=f"make it with: mg3d export {workspace.root} --target {target}")
-    variants = [(v["file"], v["precision"]) for v in json.loads(meta_path.read_text())["variants"] if v["file"].endswith(suffix)]
+    # variants at another resolution than the student's (the web export's half-size model) are not compared with its reference
+    variants = [(v["file"], v["precision"]) for v in json.loads(meta_path.read_text())["variants"] if v["file"].endswith(suffix) and "resolution" not in v]
     chosen = [v for v in variants if wanted == "all" or v[1] == wanted] or variants  # the profile's precision if exported, else all
     return chosen
 
@@ -95,6 +96,10 @@ def _measure(workspace: Workspace, profile: DeviceProfile, student: Any, name: s
         return runners.run_onnx_local(path, profile, poses, reference, config.warmup, config.runs)
     if profile.transport == "adb":
         return runners.run_adb(path, profile, config.runs)
+    if profile.transport == "qemu":  # numerics only: no latency figure comes from an emulator
+        from mg3d.bench.arm64 import run_arm64
+
+        return run_arm64(path, poses, reference)
     if profile.transport == "browser":
         return runners.run_browser(path, profile, poses, reference, config.warmup, config.runs, precision, (student.spec.width_px, student.spec.height_px))
     raise BenchError(f"measuring on {profile.transport} devices is not available here", hint="use --estimate")

@@ -31,7 +31,7 @@ class BenchError(Mg3dError):
 
 TRANSPORTS = ("local", "browser", "adb", "ios", "qemu")
 #: Transports this version measures on; the others get --estimate figures only.
-MEASURED = ("local", "adb", "ios", "browser")
+MEASURED = ("local", "adb", "ios", "browser", "qemu")
 
 
 @dataclass(frozen=True)
@@ -109,6 +109,14 @@ def reachable(profile: DeviceProfile) -> tuple[bool, str]:
         if platform.system() != "Darwin" or shutil.which("xcrun") is None:
             return False, "iPhones are measured from macOS with Xcode (xcrun devicectl); use --estimate here"
         return True, "macOS with Xcode"
+    if profile.transport == "qemu":
+        from mg3d.bench import arm64
+
+        if arm64.qemu() is None:
+            return False, "qemu-user is not installed: apt-get install qemu-user-static, then mg3d devices --setup arm64-emulated"
+        if not arm64.ready():
+            return False, "no aarch64 Python and onnxruntime yet: mg3d devices --setup arm64-emulated"
+        return True, f"aarch64 onnxruntime {arm64.ORT_VERSION} under {arm64.qemu()} (numerics only)"
     if profile.transport == "browser":
         from mg3d.viewer import browser_executable, find_runtime
 

@@ -95,6 +95,8 @@ def table(report: dict[str, Any]) -> Any:
     for result in report["devices"].values():
         for r in result.get("rows", []):
             note = r.get("error", "") or ("estimate (" + r.get("bound", "") + "-bound)" if r.get("estimate") else "")
+            if r.get("numerics_only"):
+                note = f"emulated: numerics only, {r.get('psnr_vs_x86')} dB vs x86 onnxruntime"
             t.add_row(r["device"], r["file"], r["precision"], fmt(r.get("load_ms")), fmt(r.get("first_ms")), fmt(r.get("median_ms")), fmt(r.get("p90_ms")),
                       fmt(r.get("fps")), fmt(r.get("peak_rss_mb", r.get("peak_gpu_mb"))), fmt(r.get("psnr_vs_torch")), note)
     return t

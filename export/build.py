@@ -111,6 +111,8 @@ def export_target(workspace: Workspace, config: Any, out: Path) -> dict[str, Any
             else:
                 for v in variants:
                     shutil.move(str(work / v["file"]), out / v["file"])
+            if target == "web":  # the page's resolution switch: the same network on a ray grid half as dense
+                variants += _half_resolution(student, views, config, out, fp32_test)
         shutil.rmtree(work)
         bar.advance(task)
 
@@ -138,6 +140,40 @@ def export_target(workspace: Workspace, config: Any, out: Path) -> dict[str, Any
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return {"eval_views": len(views.test), "max_abs_error_fp32": error, "psnr_torch": summary["psnr_torch"],
             "variants": [{k: v.get(k) for k in ("file", "format", "precision", "mb", "psnr", "psnr_vs_fp32", "psnr_loss_db")} for v in variants]}
+
+
+def _half_resolution(student: Any, views: _Views, config: Any, out: Path, fp32_test: np.ndarray) -> list[dict[str, Any]]:
+    """``model.half.onnx``: the student at half the width and height (the convolutions do not depend on the
+    grid size; the intrinsics scale with it), verified against torch at that size, or nothing when the
+    half size does not fit the super-resolution factor."""
+    import dataclasses
+
+    import onnx
+    import torch.nn.functional as F
+
+    from mg3d.export import onnxmodel as ox
+    from mg3d.student.model import NeLF, fold_batchnorm
+
+    spec = student.spec
+    try:
+        half_spec = dataclasses.replace(spec, width_px=spec.width_px // 2, height_px=spec.height_px // 2, fx=spec.fx / 2, fy=spec.fy / 2, cx=spec.cx / 2, cy=spec.cy / 2)
+    except Exception:  # noqa: BLE001 - a size the super-resolution factor does not divide: no half variant
+        return []
+    half = NeLF(half_spec).eval()
+    half.load_state_dict(student.state_dict())
+    graph = ox.export_fp32(fold_batchnorm(half), config.opset)
+    path = out / "model.half.onnx"
+    onnx.save(graph, str(path))
+    session = ox.session(path)
+    reference = np.concatenate([half(torch.from_numpy(p)[None]).numpy() for p in views.verify])
+    error = float(np.abs(ox.render(session, views.verify) - reference).max())
+    if error > config.tolerance:
+        raise ox.ExportError(f"the half-resolution ONNX model differs from torch by {error:.2e} (tolerance {config.tolerance:.0e})", hint="nothing was exported")
+    images = ox.render(session, views.test)
+    full_down = F.interpolate(torch.from_numpy(fp32_test), size=images.shape[2:], mode="area").numpy()
+    size = path.stat().st_size
+    return [{"file": path.name, "format": "onnx", "precision": "fp32", "bytes": size, "mb": round(size / 1e6, 3),
+             "resolution": [half_spec.width_px, half_spec.height_px], "psnr_vs_full_downsampled": round(mean_psnr(images, full_down), 3)}]
 
 
 def _measure(path: Path, precision: str, fp32_test: np.ndarray, views: _Views, fmt: str = "onnx") -> dict[str, Any]:

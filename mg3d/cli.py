@@ -509,12 +509,27 @@ def _size_table(manifest: dict[str, Any], only: str | None = None) -> Any:
 
 
 @main.command()
-def devices() -> None:
+@click.option("--setup", "setup", type=str, help="Install what a device needs here (arm64-emulated: the aarch64 Python and onnxruntime for qemu; browser: onnxruntime-web) and stop.")
+def devices(setup: str | None) -> None:
     """Device profiles (devices/*.yaml) and whether each can be measured now."""
     from rich.table import Table
 
-    from mg3d.bench.profiles import load_profiles, reachable
+    from mg3d.bench.profiles import load_profiles, reachable, resolve
     from mg3d.ui import console
+
+    if setup:
+        profile = resolve(setup)
+        if profile.transport == "qemu":
+            from mg3d.bench.arm64 import setup as make_sysroot
+
+            console.print(f"{profile.name}: {make_sysroot()}")
+        elif profile.transport == "browser":
+            from mg3d.viewer import install_runtime
+
+            console.print(f"{profile.name}: onnxruntime-web in {install_runtime()}")
+        else:
+            raise InputError(f"{profile.name} needs nothing installed here", hint=reachable(profile)[1])
+        return
 
     table = Table(title="devices", header_style="bold")
     for col in ("name", "aliases", "transport", "runtime / provider", "threads", "target FPS", "reachable"):

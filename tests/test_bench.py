@@ -179,3 +179,23 @@ def test_sweep_with_nothing_fast_enough_names_the_fastest(distilled: Path, tmp_p
     one_line_error(result, "no student in the grid reaches 30 FPS on host", "28x256 at 400 px", "--sweep-depths")
     assert one_line_error(cli("student", ws, "--for-device", "pixel"), "no sweep result for pixel-8", "--sweep")
     assert one_line_error(cli("bench", ws, "--device", "pixel", "--sweep"), "pixel-8 is not reachable", "--sweep --estimate")
+
+
+def test_arm64_emulated_gives_the_same_image_and_no_latency(trained: tuple[Path, str], tmp_path: Path) -> None:
+    """aarch64 onnxruntime under qemu-user (numerics only): the ARM kernels give torch's image."""
+    from click.testing import CliRunner
+
+    from mg3d.bench import arm64
+    from mg3d.cli import main
+
+    if not arm64.ready():
+        pytest.skip("no qemu-user or arm64 sysroot here (mg3d devices --setup arm64-emulated; .ci/run makes it)")
+    ws = Path(shutil.copytree(trained[0], tmp_path / "ws"))
+    assert CliRunner().invoke(main, ["export", str(ws), "--target", "onnx", "--precision", "fp32,fp16"]).exit_code == 0
+    result = CliRunner().invoke(main, ["bench", str(ws), "--device", "arm64", "--precision", "all", "--views", "2"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((ws / "bench" / "arm64-emulated.json").read_text())["rows"]
+    assert {r["precision"] for r in rows} == {"fp32", "fp16"}
+    for r in rows:
+        assert r["numerics_only"] and "fps" not in r and "median_ms" not in r  # emulator timing is never reported
+        assert r["psnr_vs_x86"] > (60 if r["precision"] == "fp32" else 45) and r["psnr_vs_torch"] > 45

@@ -128,7 +128,10 @@ def test_web_export_and_targets_kept_side_by_side(exported: tuple[Path, str], tm
     ws = Path(shutil.copytree(exported[0], tmp_path / "ws"))
     result = cli("export", ws, "--target", "web")
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in (ws / "export" / "web").iterdir()) == ["manifest.json", "model.fp16.onnx", "model.json", "model.onnx"]
+    assert sorted(p.name for p in (ws / "export" / "web").iterdir()) == ["manifest.json", "model.fp16.onnx", "model.half.onnx", "model.json", "model.onnx"]
+    half = next(v for v in json.loads((ws / "export" / "web" / "model.json").read_text())["variants"] if v["file"] == "model.half.onnx")
+    w, h = json.loads((ws / "export" / "web" / "model.json").read_text())["resolution"]
+    assert half["resolution"] == [w // 2, h // 2] and half["psnr_vs_full_downsampled"] > 15
     assert (ws / "export" / "onnx" / "model.int8.onnx").is_file(), "exporting web must keep the onnx export"
     assert set(read_manifest(ws, "export")["metrics"]["targets"]) == {"onnx", "web"}
     again = cli("export", ws, "--target", "web")

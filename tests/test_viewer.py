@@ -104,6 +104,13 @@ def test_page_renders_like_onnxruntime_moves_and_shows_fps(web_ws: Path, browser
         fp16 = page.evaluate("async (p) => await window.mg3d.render(p)", pose.reshape(-1).tolist())
         assert np.abs(np.array(fp16["pixels"]) - python_rgb.reshape(-1)).max() < 0.05
         assert "error" not in (page.locator("#message").get_attribute("class") or "")
+        # the resolution switch: the half-size model renders half the width and height
+        page.select_option("#variant", "model.half.onnx")
+        page.wait_for_function("window.mg3d.state.variant && window.mg3d.state.variant.file === 'model.half.onnx'")
+        half = page.evaluate("async (p) => await window.mg3d.render(p)", pose.reshape(-1).tolist())
+        assert half["dims"] == [1, 3, h // 2, w // 2] and page.locator("#size").inner_text() == f"{w // 2}x{h // 2} fp32"
+        page.select_option("#variant", "model.onnx")
+        page.wait_for_function("window.mg3d.state.variant && window.mg3d.state.variant.file === 'model.onnx'")
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "viewer.png"))
     finally:
@@ -139,7 +146,7 @@ def test_static_export_is_a_complete_site(web_ws: Path, tmp_path: Path) -> None:
     site = tmp_path / "site"
     result = CliRunner().invoke(main, ["view", str(web_ws), "--export-static", str(site)])
     assert result.exit_code == 0, result.output
-    for name in ("index.html", "viewer.js", "scene.json", "_headers", "model/model.onnx", "model/model.fp16.onnx", *(f"ort/{f}" for f in ORT_FILES)):
+    for name in ("index.html", "viewer.js", "scene.json", "_headers", "model/model.onnx", "model/model.fp16.onnx", "model/model.half.onnx", *(f"ort/{f}" for f in ORT_FILES)):
         assert (site / name).is_file(), name
     scene = json.loads((site / "scene.json").read_text())
     assert scene["kind"] in ("orbit", "path") and scene["model"]["resolution"]

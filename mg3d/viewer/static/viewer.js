@@ -200,7 +200,7 @@ async function useVariant(name) {
   state.outName = session.outputNames[0];
   state.firstMs = (await run(state.rig.pose())).ms;
   $("backend").textContent = provider === "webgpu" ? "WebGPU" : "WebAssembly (SIMD)";
-  const [w, h] = state.scene.model.resolution;
+  const [w, h] = variant.resolution || state.scene.model.resolution;
   $("size").textContent = `${w}x${h} ${variant.precision}`;
   state.dirty = true;
   if ($("message").className !== "error" && !$("message").textContent.startsWith("this GPU")) say(state.note || "");
@@ -225,7 +225,8 @@ async function main() {
   $("threads").textContent = String(state.threads);
   state.rig = scene.kind === "orbit" ? new OrbitRig(scene) : new PathRig(scene);
   const select = $("variant");
-  for (const v of state.variants) select.add(new Option(`${v.precision} · ${v.mb} MB`, v.file));
+  const size = (v) => (v.resolution || scene.model.resolution).join("x");
+  for (const v of state.variants) select.add(new Option(`${size(v)} ${v.precision} · ${v.mb} MB`, v.file));
   select.addEventListener("change", () => useVariant(select.value).catch((e) => say(`cannot load ${select.value}: ${e.message || e}`, true)));
   $("continuous").checked = params.get("continuous") === "1";
   controls();
