@@ -1,8 +1,8 @@
 """The sweep: pick the student depth, width and resolution for a device.
 
 1. Latency over a grid of architectures x resolutions with seeded random weights (latency does not depend
-   on training): measured on reachable ``local`` devices (onnxruntime, or torch on CUDA), roofline
-   estimates elsewhere.
+   on training): measured on reachable ``local`` devices (onnxruntime, or torch on CUDA) and in headless
+   Chromium (``browser``), roofline estimates elsewhere.
 2. Keep those that reach the device's target FPS; train the ``top`` largest of them (most multiply-adds,
    the most capacity the device affords) on the workspace's pseudo data, each for an equal share of the
    time budget, and evaluate them on the held-out views.
@@ -56,7 +56,7 @@ def latency_ms(profile: DeviceProfile, spec: Any, estimate: bool, runs: int = 10
     from mg3d.student.model import NeLF, fold_batchnorm
 
     ok, _ = reachable(profile)
-    if estimate or not ok or profile.transport != "local":
+    if estimate or not ok or profile.transport not in ("local", "browser"):
         from mg3d.bench.measure import estimate_row
 
         return estimate_row(profile, spec, profile.precision if profile.precision in ("fp32", "fp16", "int8") else "fp32", "")["median_ms"], True
@@ -76,6 +76,11 @@ def latency_ms(profile: DeviceProfile, spec: Any, estimate: bool, runs: int = 10
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "candidate.onnx"
         onnx.save(export_fp32(model), str(path))
+        if profile.transport == "browser":  # the viewer page in headless Chromium
+            from mg3d.bench.runners import run_browser
+
+            blank = np.zeros((1, 3, spec.height_px, spec.width_px), np.float32)
+            return run_browser(path, profile, pose, blank, 2, runs, "fp32", (spec.width_px, spec.height_px))["min_ms"], False
         sess = session(path, profile.threads)
         _, times = time_runs(lambda: sess.run(None, {"c2w": pose}), 3, runs)
     return min(times), False
