@@ -52,14 +52,14 @@ def turntable(ws: Workspace, out: Path, frames: int = 36) -> Path | None:
     from PIL import Image
 
     from mg3d.formats.nerfstudio import load_nerfstudio
-    from mg3d.student.cameras import camera_kind, focus_point
+    from mg3d.student.cameras import camera_kind
     from mg3d.student.model import NeLF
 
     if ws.manifest("student") is None:
         return None
     scene = load_nerfstudio(ws.stage_dir("capture") / "transforms.json")
     c2w = scene.c2w[scene.splits["train"]].astype(np.float64)
-    poses = _orbit_poses(c2w, frames, focus_point(c2w)) if camera_kind(c2w) == "orbit" else _path_poses(c2w, frames)
+    poses = _orbit_poses(c2w, frames) if camera_kind(c2w) == "orbit" else _path_poses(c2w, frames)
     model = NeLF.load(ws.stage_dir("student")).eval()
     with torch.no_grad():
         images = [model(torch.from_numpy(p.astype(np.float32))[None])[0].permute(1, 2, 0).clamp(0, 1).numpy() for p in poses]
@@ -68,32 +68,23 @@ def turntable(ws: Workspace, out: Path, frames: int = 36) -> Path | None:
     return out
 
 
-def _orbit_poses(c2w: np.ndarray, n: int, center: np.ndarray) -> np.ndarray:
-    """``n`` cameras around ``center`` at the median training radius and elevation (within the covered arc)."""
+def _orbit_poses(c2w: np.ndarray, n: int) -> np.ndarray:
+    """``n`` cameras around the focus point at the median training radius and elevation (within the covered arc)."""
     from mg3d.scene import look_at_rotation
+    from mg3d.student.cameras import orbit_frame, orbit_position
 
-    up = c2w[:, :3, 1].mean(0)
-    up /= np.linalg.norm(up)
-    e1 = np.cross(up, [1.0, 0, 0] if abs(up[0]) < 0.9 else [0, 1.0, 0])
-    e1 /= np.linalg.norm(e1)
-    e2 = np.cross(up, e1)
-    offsets = c2w[:, :3, 3] - center
-    radius = float(np.median(np.linalg.norm(offsets, axis=1)))
-    elevation = float(np.median(np.arcsin(np.clip(offsets @ up / np.linalg.norm(offsets, axis=1), -1, 1))))
-    azimuth = np.sort(np.arctan2(offsets @ e2, offsets @ e1))
-    gaps = np.diff(np.concatenate([azimuth, azimuth[:1] + 2 * np.pi]))
-    k = int(np.argmax(gaps))
-    if gaps[k] > np.pi / 2:  # an arc: sweep it there and back
-        start, span = azimuth[(k + 1) % len(azimuth)], 2 * np.pi - gaps[k]
+    f = orbit_frame(c2w)
+    if f["arc"]:  # an arc: sweep it there and back
+        start, span = f["arc"]
         half = np.linspace(0, 1, n // 2)
         az = start + span * np.concatenate([half, half[::-1]])
     else:
         az = np.linspace(-np.pi, np.pi, n, endpoint=False)
+    pos = orbit_position(f, np.full(len(az), np.median(f["radius"])), np.full(len(az), np.median(f["elevation"])), az)
     out = np.tile(np.eye(4), (len(az), 1, 1))
-    for i, a in enumerate(az):
-        pos = center + radius * (np.cos(elevation) * (np.cos(a) * e1 + np.sin(a) * e2) + np.sin(elevation) * up)
-        out[i, :3, :3] = look_at_rotation(center - pos, up)
-        out[i, :3, 3] = pos
+    for i in range(len(az)):
+        out[i, :3, :3] = look_at_rotation(f["center"] - pos[i], f["up"])
+        out[i, :3, 3] = pos[i]
     return out
 
 

@@ -14,6 +14,8 @@ Rotations are built from unit quaternions or look-at frames, so they stay orthon
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from mg3d.scene import look_at_rotation
@@ -86,14 +88,16 @@ def slerp(q0: np.ndarray, q1: np.ndarray, t: np.ndarray) -> np.ndarray:
     return a[:, None] * q0 + b[:, None] * q1
 
 
-def _orbit(c2w: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+def orbit_frame(c2w: np.ndarray) -> dict[str, Any]:
+    """The orbit the training cameras c2w [N, 4, 4] lie on: ``center``, ``up`` and the horizontal axes
+    ``e1``, ``e2`` [3]; each camera's ``radius``, ``elevation`` and ``azimuth`` [N] (radians); and ``arc``:
+    (start, span) of the azimuths they cover, or None when they go all around."""
     center = focus_point(c2w)
     up = c2w[:, :3, 1].mean(0)
     up = up / np.linalg.norm(up)
     offsets = c2w[:, :3, 3] - center
     radius = np.linalg.norm(offsets, axis=1)
     elevation = np.arcsin(np.clip(offsets @ up / radius, -1, 1))
-    # azimuth in a frame around `up`; keep to the training range when the cameras do not go all around
     e1 = np.cross(up, [1.0, 0, 0] if abs(up[0]) < 0.9 else [0, 1.0, 0])
     e1 /= np.linalg.norm(e1)
     e2 = np.cross(up, e1)
@@ -101,13 +105,24 @@ def _orbit(c2w: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
     a = np.sort(azimuth)
     gaps = np.diff(np.concatenate([a, a[:1] + 2 * np.pi]))  # circular gaps between neighbouring azimuths
     k = int(np.argmax(gaps))
-    if gaps[k] > np.pi / 2:  # the cameras cover an arc, not the whole circle: sample inside the arc
-        az = a[(k + 1) % len(a)] + rng.uniform(0, 2 * np.pi - gaps[k], n)
-    else:
-        az = rng.uniform(-np.pi, np.pi, n)
+    arc = (float(a[(k + 1) % len(a)]), float(2 * np.pi - gaps[k])) if gaps[k] > np.pi / 2 else None
+    return {"center": center, "up": up, "e1": e1, "e2": e2, "radius": radius, "elevation": elevation, "azimuth": azimuth, "arc": arc}
+
+
+def orbit_position(frame: dict[str, Any], r: np.ndarray, el: np.ndarray, az: np.ndarray) -> np.ndarray:
+    """Positions [n, 3] at radii, elevations and azimuths [n] on ``frame`` (see :func:`orbit_frame`)."""
+    e1, e2, up = frame["e1"], frame["e2"], frame["up"]
+    return frame["center"] + r[:, None] * (np.cos(el)[:, None] * (np.cos(az)[:, None] * e1 + np.sin(az)[:, None] * e2) + np.sin(el)[:, None] * up)
+
+
+def _orbit(c2w: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    f = orbit_frame(c2w)
+    center, up, radius, elevation = f["center"], f["up"], f["radius"], f["elevation"]
+    # keep to the training azimuths when the cameras do not go all around
+    az = f["arc"][0] + rng.uniform(0, f["arc"][1], n) if f["arc"] else rng.uniform(-np.pi, np.pi, n)
     r = rng.uniform(radius.min(), radius.max(), n)
     el = rng.uniform(elevation.min(), elevation.max(), n)
-    pos = center + r[:, None] * (np.cos(el)[:, None] * (np.cos(az)[:, None] * e1 + np.sin(az)[:, None] * e2) + np.sin(el)[:, None] * up)
+    pos = orbit_position(f, r, el, az)
     out = np.tile(np.eye(4), (n, 1, 1))
     for i in range(n):
         out[i, :3, :3] = look_at_rotation(center - pos[i], up)

@@ -96,7 +96,7 @@ def scene_info(workspace: Workspace) -> dict[str, Any]:
     """The camera rig the page moves within: an orbit around the focus point at the training radii and
     elevations, or the training path with a little freedom around it."""
     from mg3d.formats.nerfstudio import load_nerfstudio
-    from mg3d.student.cameras import camera_kind, focus_point
+    from mg3d.student.cameras import camera_kind, orbit_frame
 
     model = json.loads((web_export(workspace) / "model.json").read_text())
     scene = load_nerfstudio(workspace.stage_dir("capture") / "transforms.json")
@@ -105,23 +105,12 @@ def scene_info(workspace: Workspace) -> dict[str, Any]:
     kind = json.loads(distill.read_text()).get("kind") if distill.is_file() else camera_kind(c2w)
     info: dict[str, Any] = {"kind": kind, "model": model, "start": c2w[0].tolist()}
     if kind == "orbit":
-        center = focus_point(c2w)
-        up = c2w[:, :3, 1].mean(0)
-        up /= np.linalg.norm(up)
-        e1 = np.cross(up, [1.0, 0, 0] if abs(up[0]) < 0.9 else [0, 1.0, 0])
-        e1 /= np.linalg.norm(e1)
-        e2 = np.cross(up, e1)
-        offsets = c2w[:, :3, 3] - center
-        radius = np.linalg.norm(offsets, axis=1)
-        elevation = np.arcsin(np.clip(offsets @ up / radius, -1, 1))
-        azimuth = np.arctan2(offsets @ e2, offsets @ e1)
-        a = np.sort(azimuth)
-        gaps = np.diff(np.concatenate([a, a[:1] + 2 * np.pi]))
-        k = int(np.argmax(gaps))
-        arc = [float(a[(k + 1) % len(a)]), float(2 * np.pi - gaps[k])] if gaps[k] > np.pi / 2 else None
+        f = orbit_frame(c2w)
+        arc = list(f["arc"]) if f["arc"] else None
         # start in the middle of what the cameras covered, so that a drag can go either way
-        start_az = arc[0] + arc[1] / 2 if arc else float(azimuth[0])
-        info.update({"center": center.tolist(), "up": up.tolist(), "e1": e1.tolist(), "e2": e2.tolist(),
+        start_az = arc[0] + arc[1] / 2 if arc else float(f["azimuth"][0])
+        radius, elevation = f["radius"], f["elevation"]
+        info.update({"center": f["center"].tolist(), "up": f["up"].tolist(), "e1": f["e1"].tolist(), "e2": f["e2"].tolist(),
                      "radius": [float(radius.min()), float(np.median(radius)), float(radius.max())],
                      "elevation": [float(elevation.min()), float(elevation.max())], "azimuth_arc": arc,
                      "start_azimuth": start_az, "start_elevation": float(np.median(elevation))})
@@ -165,8 +154,8 @@ class _Handler(SimpleHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet by default
-        pass
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's signature
+        """http.server writes a line per request to stderr; the viewer stays quiet (errors reach the page)."""
 
 
 def site_files(workspace: Workspace) -> tuple[dict[str, Path], dict[str, bytes]]:
