@@ -111,7 +111,7 @@ def estimate_row(profile: DeviceProfile, spec: Any, precision: str, name: str) -
 
     gw, gh = spec.grid
     pixels = gw * gh
-    params = spec.in_channels * spec.width + spec.depth * 2 * spec.width * (spec.width + 1)
+    params = spec.in_channels * spec.width + spec.depth * 2 * spec.width * (spec.width + 1) + 3 * spec.plane_resolution**2 * spec.planes
     elements = pixels * (spec.in_channels + 2 * spec.depth * spec.width)
     scale = 1
     for c in sr_channels(spec.width, int(math.log2(spec.sr_factor))):

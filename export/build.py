@@ -98,9 +98,15 @@ def export_target(workspace: Workspace, config: Any, out: Path) -> dict[str, Any
             for precision in precisions:
                 path = work / {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}[precision]
                 if precision == "fp16":
-                    onnx.save(ox.to_fp16(graph, keep32), str(path))
+                    half = ox.to_fp16(graph, keep32)
+                    ox.half_tables(half)  # feature planes: stored fp16, read into the fp32 encoding
+                    onnx.save(half, str(path))
                 elif precision == "int8":
                     ox.to_int8(fp32_path, path, views.calib, ox.block_convs(graph, spec.width, spec.in_channels))
+                    if spec.planes:
+                        quantized = onnx.load(str(path))
+                        ox.half_tables(quantized)
+                        onnx.save(quantized, str(path))
                 variants.append(_measure(path, precision, fp32_test, views))
                 bar.advance(task)
             for v in variants:
@@ -126,7 +132,7 @@ def export_target(workspace: Workspace, config: Any, out: Path) -> dict[str, Any
         "pose_convention": "opengl_c2w",
         "cameras": {"example_pose": views.test[0].tolist(), "scene_center": list(spec.center), "near": spec.near, "far": spec.far},
         "student": {
-            "depth": spec.depth, "width": spec.width, "samples": spec.samples, "frequencies": spec.frequencies, "sr_factor": spec.sr_factor,
+            "depth": spec.depth, "width": spec.width, "samples": spec.samples, "frequencies": spec.frequencies, "planes": spec.planes, "sr_factor": spec.sr_factor,
             "upsample": spec.upsample, "activation": spec.activation, "norm_folded": spec.norm != "none", "ray_grid": [gw, gh],
             "parameters": parameter_count(net), "gmacs_per_frame": round(macs_per_frame(spec) / 1e9, 3),
         },

@@ -152,6 +152,33 @@ def to_fp16(graph: "onnx.ModelProto", keep_fp32: list[str]) -> "onnx.ModelProto"
         return convert_float_to_float16(graph, keep_io_types=True, node_block_list=keep_fp32)
 
 
+def half_tables(graph: "onnx.ModelProto", min_elements: int = 1 << 16) -> int:
+    """Store the tables that Gather nodes read (the student's feature planes) in fp16, with a Cast back to
+    fp32 after each read: the variant's file halves there while the arithmetic around the reads stays as it
+    was. Returns how many tables changed."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = {t.name: t for t in graph.graph.initializer}
+    halves: dict[str, str] = {}
+    for node in list(graph.graph.node):
+        if node.op_type != "Gather":
+            continue
+        name = node.input[0]
+        if name not in halves:
+            table = inits.get(name)
+            if table is None or table.data_type != TensorProto.FLOAT or int(np.prod(table.dims)) < min_elements:
+                continue
+            half = numpy_helper.from_array(numpy_helper.to_array(table).astype(np.float16), name + "_fp16")
+            graph.graph.initializer.remove(table)
+            graph.graph.initializer.append(half)
+            halves[name] = half.name
+        out = node.output[0]
+        node.input[0], node.output[0] = halves[name], out + "_fp16"
+        cast = helper.make_node("Cast", [out + "_fp16"], [out], name=node.name + "_to_fp32", to=TensorProto.FLOAT)
+        graph.graph.node.insert(list(graph.graph.node).index(node) + 1, cast)
+    return len(halves)
+
+
 class _Poses:
     """onnxruntime's CalibrationDataReader protocol over camera poses."""
 

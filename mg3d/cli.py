@@ -118,7 +118,7 @@ _TEACHER_OPTIONS = [
 
 @main.command()
 @click.argument("workspace", type=click.Path(path_type=Path))
-@click.option("--steps", type=click.IntRange(min=1), help="Training steps [default: 20000].")
+@click.option("--steps", type=click.IntRange(min=1), help="Training steps (quality preset: 20000) [default: 10000].")
 @click.option("--max-time-s", type=click.FloatRange(min=0), help="Stop training after this many seconds; 0: no limit [default: 0].")
 @click.option("--rays", type=click.IntRange(min=1), help="Rays in the first batch, then adapted to --target-samples [default: 4096].")
 @click.option("--target-samples", type=click.IntRange(min=0), help="Samples per batch the ray count adapts to; 0: keep --rays [default: 262144].")
@@ -179,7 +179,7 @@ _DISTILL_OPTIONS = ["views", "resolution", "trajectory", "jitter", "shard_size",
 
 @main.command()
 @click.argument("workspace", type=click.Path(path_type=Path))
-@click.option("--views", type=click.IntRange(min=1), help="Pseudo views to render (MobileR2L: 10000) [default: 10000].")
+@click.option("--views", type=click.IntRange(min=1), help="Pseudo views to render (MobileR2L and the quality preset: 10000) [default: 2000].")
 @click.option("--resolution", type=click.IntRange(min=0), help="Long side of the pseudo views in pixels, rounded to a multiple of 16; 0: the teacher's training size [default: 0].")
 @click.option("--trajectory", type=click.Choice(["auto", "orbit", "path"]), help="Camera distribution: orbit (object-centric), path (hand-held / forward-facing), auto: detect [default: auto].")
 @click.option("--jitter", type=click.FloatRange(min=0), help="Path cameras: perturbation as a fraction of the training cameras' spacing [default: 0.5].")
@@ -392,8 +392,8 @@ def report(workspace: Path) -> None:
 
 
 _STUDENT_OPTIONS = [
-    "depth", "width", "samples", "frequencies", "sr_factor", "upsample", "activation", "norm", "resolution", "steps", "max_time_s", "batch", "lr",
-    "weight_decay", "warmup", "finetune_fraction", "finetune_real", "mixed_precision", "checkpoint_every", "eval_views",
+    "depth", "width", "samples", "frequencies", "planes", "plane_resolution", "sr_factor", "upsample", "activation", "norm", "resolution", "steps",
+    "max_time_s", "batch", "lr", "plane_lr", "weight_decay", "warmup", "finetune_fraction", "finetune_real", "mixed_precision", "checkpoint_every", "eval_views",
     "save_views", "preload_gb", "device", "seed", "compile",
 ]
 
@@ -404,15 +404,18 @@ _STUDENT_OPTIONS = [
 @click.option("--width", type=click.IntRange(min=1), help="Channels of the blocks (MobileR2L: 256) [default: 256].")
 @click.option("--samples", type=click.IntRange(min=1), help="Points per ray [default: 8].")
 @click.option("--frequencies", type=click.IntRange(min=0), help="Positional-encoding frequencies [default: 6].")
+@click.option("--planes", type=click.IntRange(min=0), help="Channels of the learned feature planes (xy, xz, yz) read at every ray point; 0: none, the MobileR2L encoding alone [default: 0].")
+@click.option("--plane-resolution", type=click.IntRange(min=2), help="Cells per side of each feature plane [default: 128].")
 @click.option("--sr-factor", type=click.IntRange(min=1), help="Super-resolution factor, a power of two [default: 8].")
 @click.option("--upsample", type=click.Choice(["shuffle", "transpose"]), help="Upsampling: shuffle (depth-to-space, NNAPI-friendly) or transpose (MobileR2L) [default: shuffle].")
 @click.option("--activation", type=click.Choice(["gelu_tanh", "gelu"]), help="GELU form: gelu_tanh (tanh approximation; every mobile delegate runs it) or gelu (exact; Erf, which NNAPI lacks) [default: gelu_tanh].")
 @click.option("--norm", type=click.Choice(["batch", "none"]), help="BatchNorm in the residual blocks (folded into the convolutions at export; keeps a deep student's residual stream in range) or none [default: batch].")
 @click.option("--resolution", type=str, help="Output size: a long side (400) or WIDTHxHEIGHT (400x300); empty: the pseudo views' size [default: ''].")
-@click.option("--steps", type=click.IntRange(min=1), help="Training steps [default: 20000].")
+@click.option("--steps", type=click.IntRange(min=1), help="Training steps (quality preset: 20000) [default: 6000].")
 @click.option("--max-time-s", type=click.FloatRange(min=0), help="Stop training after this many seconds; 0: no limit [default: 0].")
 @click.option("--batch", type=click.IntRange(min=1), help="Images per step (per process under torchrun) [default: 8].")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="AdamW learning rate [default: 0.001].")
+@click.option("--plane-lr", type=click.FloatRange(min=0, min_open=True), help="Learning rate of the feature planes [default: 0.01].")
 @click.option("--weight-decay", type=click.FloatRange(min=0), help="AdamW weight decay [default: 0].")
 @click.option("--warmup", type=click.IntRange(min=0), help="Linear warm-up steps before the cosine decay [default: 500].")
 @click.option("--finetune-fraction", type=click.FloatRange(0, 1), help="Last part of training that mixes in the real training images; 0: none [default: 0.1].")

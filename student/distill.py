@@ -33,7 +33,7 @@ STAGE = "distill"
 class DistillConfig:
     """Options of ``mg3d distill`` (each is a CLI option of the same name)."""
 
-    views: int = 10000  # pseudo views to render (MobileR2L: 10,000)
+    views: int = 2000  # pseudo views to render (MobileR2L and the quality preset: 10,000)
     resolution: int = 0  # long side in pixels (0: the teacher's training images); rounded to a multiple of 16
     trajectory: str = "auto"  # auto, orbit (object-centric), path (hand-held / forward-facing)
     jitter: float = 0.5  # path cameras: perturbation as a fraction of the spacing between training cameras

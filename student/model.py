@@ -59,6 +59,8 @@ class StudentSpec:
     upsample: str = "shuffle"  # shuffle: 1x1 conv + depth-to-space; transpose: 4x4 transposed conv (MobileR2L)
     activation: str = "gelu_tanh"  # gelu_tanh: tanh-approximate GELU (ops every mobile delegate has); gelu: exact (Erf)
     norm: str = "batch"  # batch: BatchNorm after each 1x1 conv of the stem and blocks (folded into the convs at export); none
+    planes: int = 0  # learned feature planes (xy, xz, yz) read at every ray point: channels per plane (0: none, MobileR2L)
+    plane_resolution: int = 128  # cells per side of each plane
 
     def __post_init__(self) -> None:
         check_resolution(self.width_px, self.height_px, self.sr_factor)
@@ -70,8 +72,10 @@ class StudentSpec:
             raise ConfigError(f"norm {self.norm!r} is unknown", hint="use " + " or ".join(NORMS))
         if self.spacing not in ("linear", "disparity"):
             raise ConfigError(f"spacing {self.spacing!r} is unknown", hint="use linear or disparity")
-        if min(self.samples, self.depth, self.width) < 1 or self.frequencies < 0:
-            raise ConfigError("samples, depth and width must be positive and frequencies not negative")
+        if min(self.samples, self.depth, self.width) < 1 or self.frequencies < 0 or self.planes < 0:
+            raise ConfigError("samples, depth and width must be positive; frequencies and planes not negative")
+        if self.planes and self.plane_resolution < 2:
+            raise ConfigError(f"plane_resolution {self.plane_resolution} is too small", hint="use 2 cells or more (128 is the default)")
         if not 0 < self.near < self.far:
             raise ConfigError(f"near {self.near} and far {self.far} must satisfy 0 < near < far")
 
@@ -82,7 +86,13 @@ class StudentSpec:
 
     @property
     def in_channels(self) -> int:
-        return 3 * self.samples * (1 + 2 * self.frequencies)
+        return 3 * self.samples * (1 + 2 * self.frequencies + self.planes)
+
+    @property
+    def plane_extent(self) -> float:
+        """Half side of the square the feature planes cover in encoded coordinates: contracted points of an
+        unbounded capture lie in the ball of radius 2, a bounded scene's in the unit ball."""
+        return 2.0 if self.spacing == "disparity" else 1.0
 
 
 def check_resolution(width: int, height: int, sr_factor: int) -> None:
@@ -135,6 +145,35 @@ def grid_directions(spec: StudentSpec, intrinsics: Tensor | None = None) -> Tens
     d = torch.stack([(u - cx) / fx, -(v - cy) / fy, -torch.ones_like(fx * u)], 1)  # [B, 3, P]
     d = d / d.norm(dim=1, keepdim=True)
     return d[0] if intrinsics is None else d
+
+
+def plane_features(x: Tensor, planes: Tensor, resolution: int, extent: float, samples: int, points: int) -> Tensor:
+    """Bilinear reads of three feature planes at points x [B, 3, S, P] (encoded coordinates): [B, 3, S, C, P].
+
+    ``planes`` [3 R R, C] holds the xy, xz and yz planes one after the other, flattened, so one Gather reads
+    every corner of every plane (export-friendly: Floor, Cast and Gather instead of GridSample, which
+    mobile delegates lack). Points outside the planes read their border. Cell indices are computed in fp32
+    (in fp16 integers above 2,048 are not exact); ``samples`` (S) and ``points`` (P) keep shapes constant.
+    """
+    r = resolution
+    g = (x.float().clamp(-extent, extent) / extent * 0.5 + 0.5) * (r - 1)  # [B, 3, S, P] in cells, [0, R - 1]
+    cell = torch.floor(g).clamp(max=r - 2)
+    frac = g - cell
+    axes = ((0, 1), (0, 2), (1, 2))
+    u = torch.stack([cell[:, a] for a, _ in axes], 1)  # [B, 3 planes, S, P]
+    v = torch.stack([cell[:, b] for _, b in axes], 1)
+    fu = torch.stack([frac[:, a] for a, _ in axes], 1).unsqueeze(-1)  # [B, 3, S, P, 1]
+    fv = torch.stack([frac[:, b] for _, b in axes], 1).unsqueeze(-1)
+    base = torch.arange(3, dtype=torch.float32, device=x.device).view(1, 3, 1, 1) * float(r * r)
+    index = (base + v * r + u).long()  # [B, 3, S, P], corner (u, v)
+    c = planes.shape[1]
+
+    def read(offset: int) -> Tensor:
+        return torch.index_select(planes, 0, (index + offset).reshape(-1)).reshape(-1, 3, samples, points, c).float()
+
+    top = read(0) * (1 - fu) + read(1) * fu
+    bottom = read(r) * (1 - fu) + read(r + 1) * fu
+    return (top * (1 - fv) + bottom * fv).permute(0, 1, 2, 4, 3).to(planes.dtype)  # [B, 3, S, C, P]
 
 
 def activation(name: str) -> nn.Module:
@@ -209,6 +248,8 @@ class NeLF(nn.Module):
         for c in range(n):
             freqs[c * f : (c + 1) * f, c, 0, 0] = 2.0 ** torch.arange(f, dtype=torch.float32)
         self.register_buffer("freqs", freqs, persistent=False)  # [3 S F, 3 S, 1, 1]
+        if spec.planes:  # small random values, as instant-NGP starts its tables
+            self.planes = nn.Parameter(torch.empty(3 * spec.plane_resolution**2, spec.planes).uniform_(-1e-2, 1e-2))
         self.stem = nn.Sequential(nn.Conv2d(spec.in_channels, spec.width, 1), norm_layer(spec.norm, spec.width), activation(spec.activation))
         self.blocks = nn.Sequential(*[ResBlock(spec.width, spec.activation, spec.norm) for _ in range(spec.depth)])
         self.act = activation(spec.activation)
@@ -224,24 +265,28 @@ class NeLF(nn.Module):
         self.head = nn.Conv2d(c_in, 3, 1)
 
     def encode(self, c2w: Tensor, intrinsics: Tensor | None = None) -> Tensor:
-        """Positionally encoded ray points [B, 3 S (1 + 2 F), h, w] for cameras c2w [B, 4, 4]."""
+        """Positionally encoded ray points (and their plane features) [B, in_channels, h, w] for cameras c2w [B, 4, 4]."""
         spec = self.spec
         gw, gh = spec.grid
         rot, origin = c2w[:, :3, :3], c2w[:, :3, 3:4]  # [B, 3, 3], [B, 3, 1]
         dirs = self.dirs if intrinsics is None else grid_directions(spec, intrinsics)
         d = torch.matmul(rot, dirs)  # [B, 3, P]
         pts = origin[:, :, None, :] + d[:, :, None, :] * self.t.view(1, 1, -1, 1)  # [B, 3, S, P]
-        x = contract((pts - self.center.view(1, 3, 1, 1)) / spec.radius, dim=1)  # [B, 3, S, P]
-        x = x.reshape(-1, 3 * spec.samples, gh, gw)  # -1, not B: traced graphs keep no shape arithmetic
+        points = contract((pts - self.center.view(1, 3, 1, 1)) / spec.radius, dim=1)  # [B, 3, S, P]
+        x = points.reshape(-1, 3 * spec.samples, gh, gw)  # -1, not B: traced graphs keep no shape arithmetic
         if spec.frequencies:
             xf = nn.functional.conv2d(x, self.freqs)  # [B, 3 S F, h, w]
             # cos(a) = sin(a + pi/2): one Sin for both halves (NNAPI has Sin but no Cos)
             x = torch.cat([x, torch.sin(torch.cat([xf, xf + math.pi / 2], 1))], 1)
+        if spec.planes:
+            feats = plane_features(points, self.planes, spec.plane_resolution, spec.plane_extent, spec.samples, gh * gw)
+            x = torch.cat([x, feats.reshape(-1, 3 * spec.samples * spec.planes, gh, gw)], 1)
         return x
 
     def forward(self, c2w: Tensor, intrinsics: Tensor | None = None) -> Tensor:
         """Images rgb [B, 3, H, W] in [0, 1] for OpenGL cameras c2w [B, 4, 4] (intrinsics [B, 4] optional)."""
-        x = self.encode(c2w, intrinsics)
+        with torch.autocast(c2w.device.type, enabled=False):  # the phases of 2^5 x need fp32, not bf16 (ulp 0.25 at 32)
+            x = self.encode(c2w, intrinsics)
         x = self.act(self.blocks(self.stem(x)))
         return torch.sigmoid(self.head(self.upsampler(x)))
 
@@ -268,6 +313,7 @@ class NeLF(nn.Module):
             spec["center"] = tuple(spec["center"])
             spec.setdefault("activation", "gelu")  # students saved before these options existed
             spec.setdefault("norm", "none")
+            spec.setdefault("planes", 0)
             model = cls(StudentSpec(**spec))
         except FileNotFoundError:
             raise StudentError(f"no trained student in {folder}", hint="run mg3d student WS first") from None
@@ -288,7 +334,7 @@ def macs_per_frame(spec: StudentSpec) -> int:
     """Multiply-accumulates of one forward pass (convolutions only), for size/speed tables."""
     gw, gh = spec.grid
     p = gw * gh
-    total = p * (spec.in_channels * spec.width + spec.depth * 2 * spec.width * spec.width)
+    total = p * (spec.in_channels * spec.width + spec.depth * 2 * spec.width * spec.width)  # (plane reads: a few per point, not counted)
     c_in, scale = spec.width, 1
     for c_out in sr_channels(spec.width, int(math.log2(spec.sr_factor))):
         up = c_in * 4 * c_out if spec.upsample == "shuffle" else c_in * c_out * 16

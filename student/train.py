@@ -54,6 +54,7 @@ def build_spec(meta: dict[str, Any], config: Any) -> StudentSpec:
         width_px=w, height_px=h, fx=meta["fx"] * sx, fy=meta["fy"] * sy, cx=meta["cx"] * sx, cy=meta["cy"] * sy,
         near=float(meta["near"]), far=float(meta["far"]), spacing="disparity" if unbounded else "linear",
         radius=1.0 if unbounded else float(meta["bound"]), samples=config.samples, frequencies=config.frequencies,
+        planes=config.planes, plane_resolution=config.plane_resolution,
         depth=config.depth, width=config.width, sr_factor=config.sr_factor, upsample=config.upsample, activation=config.activation, norm=config.norm,
     )
 
@@ -158,9 +159,15 @@ def train(
     cuda = device.type == "cuda"
     if cuda and config.mixed_precision:
         model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.99), weight_decay=config.weight_decay)
+    planes = [p for name, p in model.named_parameters() if name == "planes"]
+    groups = [{"params": [p for name, p in model.named_parameters() if name != "planes"], "lr": config.lr, "base_lr": config.lr}]
+    if planes:  # the feature planes: a higher rate and no weight decay, like a hash table
+        groups.append({"params": planes, "lr": config.plane_lr, "base_lr": config.plane_lr, "weight_decay": 0.0})
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.99), weight_decay=config.weight_decay)
     meta = load_checkpoint(folder, model, optimizer, key, StudentError, required=("key", "step", "elapsed_s"))
     step, elapsed = (meta["step"], meta["elapsed_s"]) if meta else (0, 0.0)
+    for group, base in zip(optimizer.param_groups, (config.lr, config.plane_lr)):
+        group["base_lr"] = base  # a resumed run takes the rates given now (a checkpoint restores its own)
     last_good = step
     net: torch.nn.Module = model
     if world > 1:
@@ -225,7 +232,7 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             for g in optimizer.param_groups:
-                g["lr"] = config.lr * lr_factor(step, done, config.warmup)
+                g["lr"] = g["base_lr"] * lr_factor(step, done, config.warmup)
             optimizer.step()
             step += 1
             images_seen += config.batch

@@ -77,6 +77,38 @@ def test_onnx_export_is_one_verified_file_per_precision(exported: tuple[Path, st
     assert "model.int8.onnx" in output and "exported models" in output
 
 
+def test_feature_planes_export_as_gathers_with_fp16_tables(tmp_path: Path) -> None:
+    """A student with feature planes exports with Gather (no GridSample, which mobile delegates lack),
+    matches torch in fp32, and its fp16 variant stores the planes in fp16 (half the bytes) and stays close."""
+    from mg3d.export import onnxmodel as ox
+    from mg3d.scene import look_at_rotation
+    from mg3d.student.model import NeLF, StudentSpec, fold_batchnorm
+
+    torch.manual_seed(0)
+    spec = StudentSpec(width_px=64, height_px=64, fx=80, fy=80, cx=32, cy=32, near=2, far=6, radius=1.5, depth=2, width=16, sr_factor=8, planes=4, plane_resolution=128)
+    model = NeLF(spec).eval()
+    torch.nn.init.normal_(model.planes, std=0.5)
+    graph = ox.export_fp32(fold_batchnorm(model), 17)
+    ops = [n.op_type for n in graph.graph.node]
+    assert "Gather" in ops and "GridSample" not in ops
+    poses = np.tile(np.eye(4, dtype=np.float32), (3, 1, 1))
+    for pose, a in zip(poses, (0.2, 1.4, 2.9)):
+        pose[:3, 3] = [4 * np.cos(a), 4 * np.sin(a), 1.0]
+        pose[:3, :3] = look_at_rotation(-pose[:3, 3], np.array([0.0, 0.0, 1.0]))
+    with torch.no_grad():
+        expected = model(torch.from_numpy(poses)).numpy()
+    onnx.save(graph, str(tmp_path / "fp32.onnx"))
+    got = ox.render(ox.session(tmp_path / "fp32.onnx"), poses)
+    assert np.abs(got - expected).max() < 1e-4
+    half = ox.to_fp16(graph, ox.encoding_nodes(graph, spec.in_channels))
+    assert ox.half_tables(half) == 1
+    tables = [t for t in half.graph.initializer if t.name.endswith("_fp16")]
+    assert len(tables) == 1 and tables[0].data_type == onnx.TensorProto.FLOAT16 and list(tables[0].dims) == [3 * 128 * 128, 4]
+    onnx.save(half, str(tmp_path / "fp16.onnx"))
+    low = ox.render(ox.session(tmp_path / "fp16.onnx"), poses)
+    assert -10 * np.log10(np.mean((low - got) ** 2)) > 40
+
+
 def test_depth_to_space_rewrite_keeps_the_image() -> None:
     """PyTorch's pixel shuffle (CRD) becomes DCR, the order NNAPI takes, with the conv's channels permuted."""
     import io

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from mg3d.errors import Mg3dError
 from mg3d.teacher.field import Field
 from mg3d.teacher.occupancy import OccupancyGrid
-from mg3d.teacher.rendering import camera_rays, composite, distance_sequence, early_stop, pack_samples, ray_aabb
+from mg3d.teacher.rendering import EARLY_STOP, camera_rays, composite, distance_sequence, pack_samples, ray_aabb, transmittance
 
 
 #: Most candidate samples (rays x steps) materialised at once on the CPU; bounds memory in training and
@@ -30,6 +30,9 @@ CANDIDATE_BUDGET = 1 << 22
 
 #: Most samples the field is evaluated on at once when rendering (bounds the hash grid's intermediates).
 FIELD_CHUNK = 1 << 21
+
+#: Candidate steps marched at a time; rays that are opaque after a segment are not marched further.
+MARCH_SEGMENT = 256
 
 
 def candidate_budget(device: torch.device) -> int:
@@ -140,21 +143,15 @@ class Teacher(nn.Module):
         get no samples and are marked False in ``used`` [R], so a loss should skip them.
         """
         n = origins.shape[0]
-        t_min, t_max = self.ray_bounds(origins, dirs)
-        ray, t, dt = pack_samples(origins, dirs, t_min, t_max, self.t_seq, self.dt_seq, self.occupied, jitter)
         if not torch.is_grad_enabled():  # rendering: encode each sample once, colour only the visible ones
-            sigma, geo = self._density_chunked(origins[ray] + t[:, None] * dirs[ray], with_features=True)
-            keep = early_stop(ray, sigma, dt, n)
-            ray, t, dt, sigma, geo = ray[keep], t[keep], dt[keep], sigma[keep], geo[keep]
+            ray, t, dt, sigma, geo = self.march(origins, dirs, jitter, with_features=True)
             rgb = torch.cat([
                 self.field.color(geo[s : s + FIELD_CHUNK], dirs[ray[s : s + FIELD_CHUNK]], None if image is None else image[ray[s : s + FIELD_CHUNK]])
                 for s in range(0, len(ray), FIELD_CHUNK)
             ]) if len(ray) else torch.zeros(0, 3, device=origins.device)
             return self._finish(composite(ray, sigma, rgb, t, dt, n), n, origins.device, background)
-        if len(ray):  # drop samples hidden behind opaque ones before the (costly) pass with gradients
-            with torch.no_grad():
-                keep = early_stop(ray, self._density_chunked(origins[ray] + t[:, None] * dirs[ray])[0], dt, n)
-            ray, t, dt = ray[keep], t[keep], dt[keep]
+        with torch.no_grad():  # the visible samples first, without gradients, before the (costly) pass with them
+            ray, t, dt, _, _ = self.march(origins, dirs, jitter)
         if max_samples and len(ray) > max_samples:  # keep whole rays up to the budget; the rest are marked unused
             last = int(ray[max_samples])
             cut = int(torch.searchsorted(ray, torch.tensor(last, device=ray.device)))
@@ -167,6 +164,58 @@ class Teacher(nn.Module):
         out = self._finish(composite(ray, sigma, rgb, t, dt, n), n, origins.device, background)
         out["used"] = used
         return out
+
+    @torch.no_grad()
+    def march(
+        self, origins: Tensor, dirs: Tensor, jitter: Tensor | None = None, with_features: bool = False,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+        """The visible samples of rays [R, 3]: ray index [S] (sorted), t [S], dt [S], density [S] and, with
+        ``with_features``, the geometry features [S, G].
+
+        Visible means in an occupied cell, not empty, and with transmittance above ``EARLY_STOP`` before it:
+        the same samples as one pass over the whole distance sequence. Unbounded scenes march
+        ``MARCH_SEGMENT`` candidate steps at a time, so rays stop being marched once they are opaque (a wall
+        at 3 m no longer costs the 1,800 contracted steps behind it); bounded ones in one pass, which their
+        box and occupancy grid already keep short (segments cost them 30% of the speed on an H100).
+        """
+        n, device = origins.shape[0], origins.device
+        t_min, t_max = self.ray_bounds(origins, dirs)
+        alive = torch.arange(n, device=device)
+        log_t = torch.zeros(n, device=device)  # log transmittance in front of the current segment
+        parts: list[tuple[Tensor, ...]] = []
+        stop = math.log(EARLY_STOP)
+        segment = MARCH_SEGMENT if self.spec.unbounded else len(self.t_seq)
+        for s in range(0, len(self.t_seq), segment):
+            if not len(alive):
+                break
+            seq, dseq = self.t_seq[s : s + segment], self.dt_seq[s : s + segment]
+            ahead = t_max[alive] > seq[0]  # rays that end before this segment are done
+            alive = alive[ahead]
+            if not len(alive):
+                break
+            if float(seq[-1] + dseq[-1]) <= float(t_min[alive].min()):
+                continue  # every ray starts after this segment
+            local, t, dt = pack_samples(origins[alive], dirs[alive], t_min[alive], t_max[alive], seq, dseq, self.occupied, None if jitter is None else jitter[alive])
+            if not len(local):
+                continue
+            ray = alive[local]
+            sigma, geo = self._density_chunked(origins[ray] + t[:, None] * dirs[ray], with_features)
+            tau = sigma.float() * dt
+            inside = torch.log(transmittance(local, tau, len(alive)).clamp_min(1e-30))  # [S] within the segment
+            keep = (inside + log_t[ray] > stop) & (tau > 0)
+            parts.append((ray[keep], t[keep], dt[keep], sigma[keep], geo[keep] if geo is not None else None))
+            log_t.index_add_(0, ray, -tau)
+            alive = alive[log_t[alive] > stop]
+        if not parts:
+            empty = origins.new_zeros(0)
+            return empty.long(), empty, empty, empty, origins.new_zeros(0, self.field.density_net[-1].out_features - 1) if with_features else None
+        ray, t, dt, sigma = (torch.cat([p[i] for p in parts]) for i in range(4))
+        geo = torch.cat([p[4] for p in parts]) if with_features else None
+        if len(parts) > 1:  # segments come in distance order: a stable sort by ray packs each ray's samples in order
+            order = torch.sort(ray, stable=True).indices
+            ray, t, dt, sigma = ray[order], t[order], dt[order], sigma[order]
+            geo = geo[order] if geo is not None else None
+        return ray, t, dt, sigma, geo
 
     def _density_chunked(self, x: Tensor, with_features: bool = False) -> tuple[Tensor, Tensor | None]:
         """Density [S] (and geometry features [S, G]) at world points, FIELD_CHUNK points at a time."""
@@ -208,7 +257,8 @@ class Teacher(nn.Module):
         outs: dict[str, list[Tensor]] = {"rgb": [], "depth": [], "opacity": []}
         bg = None if background is None else torch.tensor(background, device=device)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-        chunk = max(1, min(chunk, candidate_budget(device) // len(self.t_seq)))  # bounds the [rays, K, 3] candidates
+        segment = min(len(self.t_seq), MARCH_SEGMENT if self.spec.unbounded else len(self.t_seq))
+        chunk = max(1, min(chunk, candidate_budget(device) // segment))  # bounds the [rays, K, 3] candidates
         for i in range(b):
             for s in range(0, u.numel(), chunk):
                 uu, vv = u[s : s + chunk], v[s : s + chunk]

@@ -98,10 +98,8 @@ def pack_samples(
     return ray, t[ray, k], dt_seq[k]
 
 
-def early_stop(ray: Tensor, sigma: Tensor, dt: Tensor, num_rays: int, eps: float = 1e-4) -> Tensor:
-    """Mask [S] of samples still visible (transmittance above ``eps``) and not empty."""
-    tau = sigma * dt
-    return (transmittance(ray, tau, num_rays) > eps) & (tau > 0)
+#: Transmittance below which a ray counts as opaque: later samples are not evaluated.
+EARLY_STOP = 1e-4
 
 
 def grid_threshold(dt_min: float, alpha: float = 0.01) -> float:
