@@ -186,9 +186,7 @@ class Teacher(nn.Module):
         log_t = torch.zeros(n, device=device)  # log transmittance in front of the current segment
         parts: list[tuple[Tensor, ...]] = []
         stop = math.log(EARLY_STOP)
-        segment = len(self.t_seq)
-        if segmented and self.spec.unbounded and device.type == "cpu":
-            segment = MARCH_SEGMENT
+        segment = self._march_segment(device) if segmented else len(self.t_seq)
         for s in range(0, len(self.t_seq), segment):
             if not len(alive):
                 break
@@ -220,6 +218,10 @@ class Teacher(nn.Module):
             ray, t, dt, sigma = ray[order], t[order], dt[order], sigma[order]
             geo = geo[order] if geo is not None else None
         return ray, t, dt, sigma, geo
+
+    def _march_segment(self, device: torch.device) -> int:
+        """Candidate steps per march segment when rendering: short ones only for unbounded scenes on a CPU."""
+        return min(len(self.t_seq), MARCH_SEGMENT) if self.spec.unbounded and device.type == "cpu" else len(self.t_seq)
 
     def _density_chunked(self, x: Tensor, with_features: bool = False) -> tuple[Tensor, Tensor | None]:
         """Density [S] (and geometry features [S, G]) at world points, FIELD_CHUNK points at a time."""
@@ -261,8 +263,7 @@ class Teacher(nn.Module):
         outs: dict[str, list[Tensor]] = {"rgb": [], "depth": [], "opacity": []}
         bg = None if background is None else torch.tensor(background, device=device)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-        segment = min(len(self.t_seq), MARCH_SEGMENT if self.spec.unbounded and device.type == "cpu" else len(self.t_seq))
-        chunk = max(1, min(chunk, candidate_budget(device) // segment))  # bounds the [rays, K, 3] candidates
+        chunk = max(1, min(chunk, candidate_budget(device) // self._march_segment(device)))  # bounds the [rays, K, 3] candidates
         for i in range(b):
             for s in range(0, u.numel(), chunk):
                 uu, vv = u[s : s + chunk], v[s : s + chunk]
