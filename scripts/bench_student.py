@@ -62,7 +62,7 @@ def speed(ws: Path, student_dir: Path, repeats: int, threads: int) -> dict:
     c2w, intr = camera_at(scene, i, w, h)
     teacher = Teacher.load(ws / "teacher", device)
     if cuda:
-        teacher.compile_encoding()
+        teacher.compile_kernels()
     pose = c2w[None].to(device)
     result = {"resolution": [w, h], "device": torch.cuda.get_device_name() if cuda else f"{platform.processor() or 'cpu'} ({torch.get_num_threads()} threads)"}
     with torch.no_grad():

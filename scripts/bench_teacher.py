@@ -64,7 +64,7 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = Teacher.load(ws_path / "teacher", device)
     if config.compile == "on" or (config.compile == "auto" and device.type == "cuda"):
-        model.compile_encoding()
+        model.compile_kernels()
     i = int(scene.splits.get("test", scene.splits["train"])[0])
     w, h = metrics.get("eval_resolution", [int(scene.width[i]), int(scene.height[i])])
     sx, sy = w / scene.width[i], h / scene.height[i]

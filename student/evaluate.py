@@ -49,7 +49,7 @@ def evaluate(model: NeLF, workspace: Workspace, scene: Scene, indices: np.ndarra
     source = json.loads((workspace.stage_dir("distill") / "distill.json").read_text()).get("source", "teacher")
     teacher = Teacher.load(workspace.stage_dir(source), device=device) if with_teacher else None
     if teacher is not None and device.type == "cuda":
-        teacher.compile_encoding()
+        teacher.compile_kernels()
     spec = model.spec
     w, h = spec.width_px, spec.height_px
     indices = indices[: config.eval_views] if config.eval_views else indices

@@ -93,9 +93,10 @@ def test_load_and_render_a_held_out_view(learned: tuple[Path, str]) -> None:
     assert all(torch.equal(v, again[k]) for k, v in teacher.state_dict().items())
 
 
-def test_segmented_march_renders_what_one_pass_renders(learned: tuple[Path, str], monkeypatch: pytest.MonkeyPatch) -> None:
-    """Marching an unbounded scene a segment at a time (rays stop once opaque) keeps exactly the samples,
-    and so the image, of one pass over the whole distance sequence."""
+def test_march_rounds_render_what_one_pass_renders(learned: tuple[Path, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Evaluating an unbounded scene's samples in rounds by rank (opaque rays stop) keeps exactly the
+    samples, and so the image, of one pass over every occupied candidate, and evaluates fewer; so do rays
+    marched in pieces and a field evaluated in small chunks."""
     import numpy as np
     import torch
 
@@ -104,17 +105,33 @@ def test_segmented_march_renders_what_one_pass_renders(learned: tuple[Path, str]
 
     ws, _ = learned
     teacher = model.Teacher.load(ws)
-    assert teacher.spec.unbounded and len(teacher.t_seq) > 2 * model.MARCH_SEGMENT
+    assert teacher.spec.unbounded
     scene = load_scene(ws)
     i = int(scene.splits["test"][0])
     s = 48 / scene.width[i]
     args = (torch.as_tensor(scene.c2w[i], dtype=torch.float32)[None], scene.fx[i] * s, scene.fy[i] * s, scene.cx[i] * s, scene.cy[i] * s, 48, int(scene.height[i] * s))
-    segmented = teacher.render(*args)
-    monkeypatch.setattr(model, "MARCH_SEGMENT", 1 << 20)
+    evaluated: list[int] = []
+    field = teacher._field_chunked
+
+    def counted(x, features=False, color=False, **kw):
+        if not color:
+            evaluated.append(len(x))  # density evaluations
+        return field(x, features, color, **kw)
+
+    monkeypatch.setattr(teacher, "_field_chunked", counted)
+    rounds = teacher.render(*args)
+    in_rounds = sum(evaluated)
+    evaluated.clear()
+    monkeypatch.setattr(model, "MARCH_ROUNDS", ())
     whole = teacher.render(*args)
-    assert float(whole["opacity"].mean()) > 0.5  # rays do turn opaque, so segments do stop some of them
+    assert float(whole["opacity"].mean()) > 0.5  # rays do turn opaque, so rounds do stop some of them
+    assert in_rounds < 0.9 * sum(evaluated), (in_rounds, sum(evaluated))
+    monkeypatch.setattr(model, "FIELD_CHUNK", 500)  # the field in many chunks, written into one output
+    monkeypatch.setattr(model, "SAMPLE_BUDGET", 3000)  # and the rays in pieces of at most 3,000 candidates
+    chunked = teacher.render(*args)
     for key in ("rgb", "depth", "opacity"):
-        np.testing.assert_allclose(segmented[key].numpy(), whole[key].numpy(), atol=1e-5)
+        np.testing.assert_allclose(rounds[key].numpy(), whole[key].numpy(), atol=1e-5)
+        np.testing.assert_allclose(chunked[key].numpy(), whole[key].numpy(), atol=1e-5)
 
 
 def test_rerun_is_up_to_date(learned: tuple[Path, str], cli) -> None:

@@ -1,5 +1,5 @@
 """Fast paths against the plain-torch reference: the torch.compile'd hash encoding (forward and
-gradients, on every device here), the hash grid against naive trilinear interpolation, and the packed
+gradients, on every device here) and march candidates, the hash grid against naive trilinear interpolation, and the packed
 renderer against a dense per-ray loop."""
 
 from __future__ import annotations
@@ -34,6 +34,38 @@ def test_compiled_hash_encoding_matches_eager(device: str) -> None:
         eager_g = torch.autograd.grad((eager_y * grad_out).sum(), grid.table)[0]
         fast_g = torch.autograd.grad((compiled(x) * grad_out).sum(), grid.table)[0]
         torch.testing.assert_close(fast_g, eager_g, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_march_finds_the_candidates_of_the_eager_one(device: str) -> None:
+    """The compiled candidate pass (one fused kernel) marks the occupied candidates the eager code marks,
+    for two ray counts (one dynamic-shape graph), and the march packs the same samples from them."""
+    from mg3d.teacher.model import ModelSpec, Teacher
+    from mg3d.teacher.rendering import camera_rays
+
+    spec = ModelSpec(
+        unbounded=True, bound=1.0, near=0.05, far=100.0, steps_per_ray=64, cone=1 / 64, levels=4, features=2, log2_size=10,
+        max_resolution=64, hidden=16, grid_resolution=16, appearance=0, num_images=1, pose_refine=False, background=None,
+        density_bias=-20.0,  # nearly empty: every occupied candidate stays visible, so the march keeps them all
+    )
+    torch.manual_seed(0)
+    teacher = Teacher(spec).to(device)
+    teacher.grid.mask.copy_(torch.rand(16**3, device=device) < 0.3)
+    eager = teacher._candidates
+    teacher.compile_kernels()
+    for n in (4096, 1000):
+        c2w = torch.eye(4, device=device).expand(n, 4, 4).clone()
+        c2w[:, :3, 3] = torch.tensor([0.2, -0.1, 1.5], device=device)
+        uv = torch.rand(n, 2, device=device) * 64
+        origins, dirs = camera_rays(c2w, *(torch.full((n,), v, device=device) for v in (50.0, 50.0, 32.0, 32.0)), uv[:, 0], uv[:, 1])
+        t_min, t_max = teacher.ray_bounds(origins, dirs)
+        shift = torch.rand(n, device=device)
+        want, got = eager(origins, dirs, t_min, t_max, shift), teacher._candidates(origins, dirs, t_min, t_max, shift)
+        assert want.shape == (n, len(teacher.t_seq)) and 0.05 < float(want.float().mean()) < 0.5
+        assert float((want != got).float().mean()) < 1e-5  # a candidate on a cell face may round either way
+    ray, t, dt, sigma, _ = teacher.march(origins, dirs, shift)
+    assert len(ray) == int(got.sum()) and bool((ray[1:] >= ray[:-1]).all()) and bool((sigma > 0).all())
+    torch.testing.assert_close(t, (teacher.t_seq[None] + shift[:, None] * teacher.dt_seq[None])[got])
 
 
 def test_dense_level_is_trilinear_interpolation() -> None:

@@ -46,7 +46,7 @@ def edit_field(workspace: Workspace, editor: Any, config: Any, run_: Any, key: s
     originals = views.images.clone()
     model = Teacher.load(workspace.stage_dir("teacher"), device=device)
     if device.type == "cuda" and teacher_config.get("compile", "auto") != "off":
-        model.compile_encoding()
+        model.compile_kernels()
     state = _State(out, key, config.prompt, len(train_idx))
     for j in state.edited():  # a resumed edit starts from the images it had edited
         pixels = torch.from_numpy(np.array(read_image(out / "images" / _name(j))[..., :3]))

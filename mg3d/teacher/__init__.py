@@ -54,11 +54,11 @@ class TeacherConfig:
     random_background: bool = True  # RGBA data: composite on random colours while training
     downscale: int = 1
     mixed_precision: bool = True  # bf16 autocast on CUDA
-    compile: str = "auto"  # torch.compile the hash encoding: auto (on CUDA), on, off
+    compile: str = "auto"  # torch.compile the hash encoding and the march: auto (on CUDA), on, off
     checkpoint_every: int = 1000
     eval_views: int = 0  # held-out views to evaluate (0: all)
     save_views: int = 4  # side-by-side PNGs to write
-    chunk: int = 1 << 16  # rays per render chunk (also capped by a candidate-sample budget)
+    chunk: int = 1 << 20  # rays per render chunk (also capped by a candidate-sample budget)
     device: str = "auto"
     seed: int = 0
 
@@ -153,7 +153,7 @@ def _train_and_evaluate(scene: Any, train_idx: Any, eval_split: str | None, conf
     )
     model = Teacher(spec).to(device)
     if config.compile == "on" or (config.compile == "auto" and device.type == "cuda"):
-        model.compile_encoding()
+        model.compile_kernels()
     bar = progress()
     bar.columns = (*bar.columns, TextColumn("loss {task.fields[loss]:.4f}  PSNR {task.fields[psnr]:.2f}"))
     with bar:

@@ -20,23 +20,41 @@ from torch import Tensor, nn
 from mg3d.errors import Mg3dError
 from mg3d.teacher.field import Field
 from mg3d.teacher.occupancy import OccupancyGrid
-from mg3d.teacher.rendering import EARLY_STOP, camera_rays, composite, distance_sequence, pack_samples, ray_aabb, transmittance
+from mg3d.teacher.rendering import (
+    EARLY_STOP, camera_rays, composite, distance_sequence, occupied_candidates, pack_samples, ray_aabb, ray_starts, transmittance,
+)
 
 
 #: Most candidate samples (rays x steps) materialised at once on the CPU; bounds memory in training and
 #: rendering. A GPU takes 16 times more (about 3 GB of candidates), which keeps its kernels large.
 CANDIDATE_BUDGET = 1 << 22
 
+#: Renders with the compiled march keep only a mask per candidate (plus the occupied ones' samples): the
+#: GPU budget is then this many candidates, or a 64th of the GPU's memory in candidates if that is less.
+#: A 512 px view of an unbounded scene (2,050 steps per ray) is one chunk: a few dozen rounds of kernels
+#: and synchronisations per view instead of hundreds.
+COMPILED_BUDGET = 1 << 29
+
+
+def candidate_budget(device: torch.device, compiled: bool = False) -> int:
+    if device.type != "cuda":
+        return CANDIDATE_BUDGET
+    if compiled:
+        return min(COMPILED_BUDGET, torch.cuda.get_device_properties(device).total_memory // 64)
+    return CANDIDATE_BUDGET * 16
+
 
 #: Most samples the field is evaluated on at once when rendering (bounds the hash grid's intermediates).
 FIELD_CHUNK = 1 << 21
 
-#: Candidate steps marched at a time; rays that are opaque after a segment are not marched further.
-MARCH_SEGMENT = 32
+#: Most occupied candidates marched at once when rendering on a GPU (~40 bytes of bookkeeping each: ~5 GB).
+#: A 512 px view of a trained unbounded scene has about 120M; a foggy field (an edit with random weights)
+#: about 290M, marched in pieces of rays.
+SAMPLE_BUDGET = 1 << 27
 
-
-def candidate_budget(device: torch.device) -> int:
-    return CANDIDATE_BUDGET * (16 if device.type == "cuda" else 1)
+#: Rank boundaries (along each ray) of the occupied samples the field evaluates per march round; a ray
+#: that is opaque after a round is not evaluated further.
+MARCH_ROUNDS = (16, 32, 64, 128, 256, 512, 1024)
 
 
 class TeacherError(Mg3dError):
@@ -97,12 +115,17 @@ class Teacher(nn.Module):
         t, dt = distance_sequence(spec.near, spec.far, spec.dt_min, spec.cone)
         self.register_buffer("t_seq", t, persistent=False)
         self.register_buffer("dt_seq", dt, persistent=False)
+        self._candidates = self._occupied_candidates
+        self.compiled = False
 
-    def compile_encoding(self) -> None:
-        """Fuse the hash encoding's elementwise work with ``torch.compile`` (the fast path; the eager
-        encoding is its reference, see tests/test_teacher_parity.py). Weights and outputs are unchanged."""
+    def compile_kernels(self) -> None:
+        """Fuse the hash encoding's and the march's elementwise work with ``torch.compile`` (the fast path on
+        a GPU; the eager code is its reference, see tests/test_teacher_parity.py). Weights and outputs are
+        unchanged."""
         encoding = self.field.encoding
         encoding.forward = torch.compile(type(encoding).forward.__get__(encoding), dynamic=True)
+        self._candidates = torch.compile(self._occupied_candidates, dynamic=True)
+        self.compiled = True
 
     # ---- pieces -------------------------------------------------------------------------------------
     def background(self, n: int, device: torch.device) -> Tensor:  # [n, 3]
@@ -132,6 +155,9 @@ class Teacher(nn.Module):
     def occupied(self, x: Tensor) -> Tensor:
         return self.grid.occupied(self.field.normalize(x.reshape(-1, 3))).reshape(x.shape[:-1])
 
+    def _occupied_candidates(self, origins: Tensor, dirs: Tensor, t_min: Tensor, t_max: Tensor, shift: Tensor) -> Tensor:
+        return occupied_candidates(origins, dirs, t_min, t_max, self.t_seq, self.dt_seq, shift, self.occupied)
+
     # ---- rendering ----------------------------------------------------------------------------------
     def render_rays(
         self, origins: Tensor, dirs: Tensor, image: Tensor | None = None, background: Tensor | None = None,
@@ -144,14 +170,10 @@ class Teacher(nn.Module):
         """
         n = origins.shape[0]
         if not torch.is_grad_enabled():  # rendering: encode each sample once, colour only the visible ones
-            ray, t, dt, sigma, geo = self.march(origins, dirs, jitter, with_features=True)
-            rgb = torch.cat([
-                self.field.color(geo[s : s + FIELD_CHUNK], dirs[ray[s : s + FIELD_CHUNK]], None if image is None else image[ray[s : s + FIELD_CHUNK]])
-                for s in range(0, len(ray), FIELD_CHUNK)
-            ]) if len(ray) else torch.zeros(0, 3, device=origins.device)
+            ray, t, dt, sigma, rgb = self.march(origins, dirs, jitter, image=image, color=True)
             return self._finish(composite(ray, sigma, rgb, t, dt, n), n, origins.device, background)
         with torch.no_grad():  # the visible samples first, without gradients, before the (costly) pass with them
-            ray, t, dt, _, _ = self.march(origins, dirs, jitter, segmented=False)
+            ray, t, dt, _, _ = self.march(origins, dirs, jitter, rounds=False)
         if max_samples and len(ray) > max_samples:  # keep whole rays up to the budget; the rest are marked unused
             last = int(ray[max_samples])
             cut = int(torch.searchsorted(ray, torch.tensor(last, device=ray.device)))
@@ -167,73 +189,103 @@ class Teacher(nn.Module):
 
     @torch.no_grad()
     def march(
-        self, origins: Tensor, dirs: Tensor, jitter: Tensor | None = None, with_features: bool = False, segmented: bool = True,
+        self, origins: Tensor, dirs: Tensor, jitter: Tensor | None = None, image: Tensor | None = None, color: bool = False,
+        rounds: bool = True,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
         """The visible samples of rays [R, 3]: ray index [S] (sorted), t [S], dt [S], density [S] and, with
-        ``with_features``, the geometry features [S, G].
+        ``color``, their colour [S, 3] (seen from ``dirs``, with the appearance of ``image`` [R] if given).
 
-        Visible means in an occupied cell, not empty, and with transmittance above ``EARLY_STOP`` before it:
-        the same samples as one pass over the whole distance sequence. On a CPU, unbounded scenes are
-        marched ``MARCH_SEGMENT`` candidate steps at a time, so rays stop once they are opaque (3.1x faster
-        renders of the demo's teacher: the density of hidden samples is what costs there). On a GPU, and
-        for training batches (``segmented`` False), one pass: there the per-segment synchronisations cost
-        more than they save (H100: lego renders 17 instead of 21 FPS, woman-512 1.6 instead of 2.2 FPS,
-        woman-512 training at a third of its speed).
+        Visible means in an occupied cell, not empty, and with transmittance above ``EARLY_STOP`` before it.
+        The occupied candidates of every ray are packed first (grid lookups only); the field then sees them
+        in rounds by their rank along the ray (``MARCH_ROUNDS``), and a ray that is opaque after a round
+        is not evaluated further. The samples are exactly those of one pass over all candidates, but the
+        density of hidden ones (behind an opaque surface: most of an unbounded scene's) is never computed,
+        and a handful of rounds keeps the kernels large and the synchronisations few. Training batches
+        (``rounds`` False) take one round: a few thousand rays, where each round's synchronisation costs
+        more than it saves (woman-512 on an H100: 10,000 steps in 296 s with rounds, 219 s without).
         """
-        n, device = origins.shape[0], origins.device
         t_min, t_max = self.ray_bounds(origins, dirs)
-        alive = torch.arange(n, device=device)
-        log_t = torch.zeros(n, device=device)  # log transmittance in front of the current segment
-        parts: list[tuple[Tensor, ...]] = []
+        shift = jitter if jitter is not None else torch.full_like(t_min, 0.5)
+        keep = self._candidates(origins, dirs, t_min, t_max, shift)  # [R, K]
+        if keep.numel() <= SAMPLE_BUDGET:
+            return self._march_packed(keep, shift, origins, dirs, image, color, rounds)
+        # at most SAMPLE_BUDGET occupied candidates at a time (their bookkeeping takes ~40 bytes each): the
+        # rays go in consecutive pieces, so the pieces' samples stay sorted by ray
+        ends = torch.cumsum(keep.sum(1), 0).cpu()
+        pieces, start = [], 0
+        while start < len(ends):
+            base = int(ends[start - 1]) if start else 0
+            stop = max(start + 1, int(torch.searchsorted(ends, torch.tensor(base + SAMPLE_BUDGET), right=True)))
+            rows = slice(start, stop)
+            out = self._march_packed(keep[rows], shift[rows], origins[rows], dirs[rows], None if image is None else image[rows], color, rounds)
+            pieces.append((out[0] + start, *out[1:]))
+            start = stop
+        if len(pieces) == 1:
+            return pieces[0]
+        return (*(torch.cat([p[i] for p in pieces]) for i in range(4)), torch.cat([p[4] for p in pieces]) if color else None)  # type: ignore[return-value]
+
+    def _march_packed(
+        self, keep: Tensor, shift: Tensor, origins: Tensor, dirs: Tensor, image: Tensor | None, color: bool, rounds: bool,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+        """:meth:`march` from the candidate mask keep [R, K] on: pack, evaluate in rounds, keep the visible."""
+        n, device = origins.shape[0], origins.device
+        ray, t, dt = pack_samples(keep, shift, self.t_seq, self.dt_seq)
+        rank = torch.arange(len(ray), device=device) - ray_starts(ray, n)[ray]  # [S] along its ray
+        log_t = torch.zeros(n, device=device)  # log transmittance in front of the current round
         stop = math.log(EARLY_STOP)
-        segment = self._march_segment(device) if segmented else len(self.t_seq)
-        for s in range(0, len(self.t_seq), segment):
-            if not len(alive):
-                break
-            seq, dseq = self.t_seq[s : s + segment], self.dt_seq[s : s + segment]
-            ahead = t_max[alive] > seq[0]  # rays that end before this segment are done
-            alive = alive[ahead]
-            if not len(alive):
-                break
-            if float(seq[-1] + dseq[-1]) <= float(t_min[alive].min()):
-                continue  # every ray starts after this segment
-            local, t, dt = pack_samples(origins[alive], dirs[alive], t_min[alive], t_max[alive], seq, dseq, self.occupied, None if jitter is None else jitter[alive])
-            if not len(local):
-                continue
-            ray = alive[local]
-            sigma, geo = self._density_chunked(origins[ray] + t[:, None] * dirs[ray], with_features)
-            tau = sigma.float() * dt
-            inside = torch.log(transmittance(local, tau, len(alive)).clamp_min(1e-30))  # [S] within the segment
-            keep = (inside + log_t[ray] > stop) & (tau > 0)
-            parts.append((ray[keep], t[keep], dt[keep], sigma[keep], geo[keep] if geo is not None else None))
-            log_t.index_add_(0, ray, -tau)
-            alive = alive[log_t[alive] > stop]
+        parts: list[tuple[Tensor, ...]] = []
+        bounds = MARCH_ROUNDS if rounds else ()
+        for lo, hi in zip((0,) + bounds, bounds + (len(self.t_seq),)):
+            pick = ((rank >= lo) & (rank < hi) & (log_t[ray] > stop)).nonzero().squeeze(-1)
+            if not len(pick):
+                break  # ranks past this round exist only on rays that had samples in it
+            r = ray[pick]
+            sigma, geo = self._field_chunked(origins[r] + t[pick, None] * dirs[r], color)
+            tau = sigma.float() * dt[pick]
+            inside = torch.log(transmittance(r, tau, n).clamp_min(1e-30))  # [P] within the round
+            keep = ((inside + log_t[r] > stop) & (tau > 0)).nonzero().squeeze(-1)
+            rk = r[keep]
+            rgb = self._field_chunked(geo[keep], color=True, dirs=dirs[rk], image=None if image is None else image[rk])[0] if color else None
+            parts.append((rk, t[pick[keep]], dt[pick[keep]], sigma[keep], rgb))
+            log_t.index_add_(0, r, -tau)
         if not parts:
             empty = origins.new_zeros(0)
-            return empty.long(), empty, empty, empty, origins.new_zeros(0, self.field.density_net[-1].out_features - 1) if with_features else None
-        ray, t, dt, sigma = (torch.cat([p[i] for p in parts]) for i in range(4))
-        geo = torch.cat([p[4] for p in parts]) if with_features else None
-        if len(parts) > 1:  # segments come in distance order: a stable sort by ray packs each ray's samples in order
+            return empty.long(), empty, empty, empty, origins.new_zeros(0, 3) if color else None
+        ray, t, dt, sigma = (torch.cat([p[i] for p in parts]) if len(parts) > 1 else parts[0][i] for i in range(4))
+        rgb = (torch.cat([p[4] for p in parts]) if len(parts) > 1 else parts[0][4]) if color else None
+        if len(parts) > 1:  # rounds come in rank order: a stable sort by ray packs each ray's samples in order
             order = torch.sort(ray, stable=True).indices
             ray, t, dt, sigma = ray[order], t[order], dt[order], sigma[order]
-            geo = geo[order] if geo is not None else None
-        return ray, t, dt, sigma, geo
+            rgb = rgb[order] if rgb is not None else None
+        return ray, t, dt, sigma, rgb
 
-    def _march_segment(self, device: torch.device) -> int:
-        """Candidate steps per march segment when rendering: short ones only for unbounded scenes on a CPU."""
-        return min(len(self.t_seq), MARCH_SEGMENT) if self.spec.unbounded and device.type == "cpu" else len(self.t_seq)
-
-    def _density_chunked(self, x: Tensor, with_features: bool = False) -> tuple[Tensor, Tensor | None]:
-        """Density [S] (and geometry features [S, G]) at world points, FIELD_CHUNK points at a time."""
-        sigmas, feats = [], []
+    def _field_chunked(
+        self, x: Tensor, features: bool = False, color: bool = False, dirs: Tensor | None = None, image: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """``FIELD_CHUNK`` rows at a time, written into preallocated outputs: density [N] (and geometry
+        features [N, G] with ``features``) at world points x [N, 3]; or, with ``color``, colour [N, 3] of
+        geometry features x [N, G] seen from ``dirs`` [N, 3] (returned first)."""
+        def one(s: slice) -> tuple[Tensor, Tensor | None]:
+            if color:
+                return self.field.color(x[s], dirs[s], None if image is None else image[s]), None
+            sigma, geo = self.field.density_and_features(x[s])
+            return sigma, geo if features else None
+        if len(x) <= FIELD_CHUNK:
+            if len(x):
+                return one(slice(None))
+            g = self.field.density_net[-1].out_features - 1
+            return (x.new_zeros(0, 3), None) if color else (x.new_zeros(0), x.new_zeros(0, g) if features else None)
+        first: Tensor | None = None
+        second: Tensor | None = None
         for s in range(0, len(x), FIELD_CHUNK):
-            sigma, geo = self.field.density_and_features(x[s : s + FIELD_CHUNK])
-            sigmas.append(sigma)
-            if with_features:
-                feats.append(geo)
-        if not sigmas:
-            return x.new_zeros(0), x.new_zeros(0, self.field.density_net[-1].out_features - 1) if with_features else None
-        return torch.cat(sigmas), torch.cat(feats) if with_features else None
+            a, b = one(slice(s, s + FIELD_CHUNK))
+            if first is None:
+                first = a.new_empty((len(x), *a.shape[1:]))
+                second = b.new_empty((len(x), *b.shape[1:])) if b is not None else None
+            first[s : s + len(a)] = a
+            if b is not None:
+                second[s : s + len(b)] = b
+        return first, second
 
     def _finish(self, out: dict[str, Tensor], n: int, device: torch.device, background: Tensor | None) -> dict[str, Tensor]:
         """Composite on the background and count the samples used."""
@@ -244,35 +296,35 @@ class Teacher(nn.Module):
 
     @torch.no_grad()
     def render(
-        self, c2w: Tensor, fx: Any, fy: Any, cx: Any, cy: Any, width: int, height: int, chunk: int = 1 << 16,
+        self, c2w: Tensor, fx: Any, fy: Any, cx: Any, cy: Any, width: int, height: int, chunk: int = 1 << 20,
         background: tuple[float, float, float] | None = None,
     ) -> dict[str, Tensor]:
         """Render B cameras (OpenGL c2w [B, 4, 4]; intrinsics scalars or [B]) at width x height.
 
-        Eval mode, no gradients, bf16 autocast on CUDA, ``chunk`` rays at a time so memory stays bounded.
+        Eval mode, no gradients, bf16 autocast on CUDA. The rays of all cameras are rendered ``chunk`` at a
+        time, fewer where the candidate budget says so, so that memory stays bounded.
         Returns rgb [B, H, W, 3] in [0, 1], depth [B, H, W] (distance along the ray), opacity [B, H, W].
         """
         was_training = self.training
         self.eval()
         device = self.t_seq.device
         c2w = torch.as_tensor(c2w, dtype=torch.float32, device=device).reshape(-1, 4, 4)
-        b = c2w.shape[0]
+        b, pixels = c2w.shape[0], height * width
         k = [torch.as_tensor(v, dtype=torch.float32, device=device).expand(b) for v in (fx, fy, cx, cy)]
         v, u = torch.meshgrid(torch.arange(height, device=device), torch.arange(width, device=device), indexing="ij")
         u, v = u.reshape(-1).float() + 0.5, v.reshape(-1).float() + 0.5
         outs: dict[str, list[Tensor]] = {"rgb": [], "depth": [], "opacity": []}
         bg = None if background is None else torch.tensor(background, device=device)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-        chunk = max(1, min(chunk, candidate_budget(device) // self._march_segment(device)))  # bounds the [rays, K, 3] candidates
-        for i in range(b):
-            for s in range(0, u.numel(), chunk):
-                uu, vv = u[s : s + chunk], v[s : s + chunk]
-                n = uu.numel()
-                o, d = camera_rays(c2w[i].expand(n, 4, 4), *(kk[i].expand(n) for kk in k), uu, vv)
-                with autocast:
-                    out = self.render_rays(o, d, background=None if bg is None else bg.expand(n, 3))
-                for key in outs:
-                    outs[key].append(out[key].float())
+        chunk = max(1, min(chunk, candidate_budget(device, self.compiled) // len(self.t_seq)))  # bounds the candidates
+        for s in range(0, b * pixels, chunk):
+            ids = torch.arange(s, min(s + chunk, b * pixels), device=device)
+            cam, pix = ids // pixels, ids % pixels
+            o, d = camera_rays(c2w[cam], *(kk[cam] for kk in k), u[pix], v[pix])
+            with autocast:
+                out = self.render_rays(o, d, background=None if bg is None else bg.expand(len(ids), 3))
+            for key in outs:
+                outs[key].append(out[key].float())
         self.train(was_training)
         return {
             "rgb": torch.cat(outs["rgb"]).reshape(b, height, width, 3).clamp(0, 1),

@@ -51,6 +51,18 @@ def ray_aabb(origins: Tensor, dirs: Tensor, bound: float) -> tuple[Tensor, Tenso
     return torch.minimum(t0, t1).amax(-1).clamp_min(0.0), torch.maximum(t0, t1).amin(-1)
 
 
+def ray_starts(ray: Tensor, num_rays: int) -> Tensor:
+    """Index of each ray's first sample [num_rays] in a packed list whose ray indices [S] are sorted (a ray
+    without samples gets the index where it would be). A binary search: a histogram of sorted indices
+    serialises on its atomics (H100: about 6 ms per call on a 512 px view's samples).
+
+    Example:
+        >>> ray_starts(torch.tensor([0, 0, 2, 2, 2]), 4).tolist()
+        [0, 2, 2, 5]
+    """
+    return torch.searchsorted(ray, torch.arange(num_rays, device=ray.device, dtype=ray.dtype))
+
+
 def transmittance(ray: Tensor, tau: Tensor, num_rays: int) -> Tensor:
     """Transmittance before each packed sample: exp(-sum of earlier optical depths on its ray).
 
@@ -61,8 +73,7 @@ def transmittance(ray: Tensor, tau: Tensor, num_rays: int) -> Tensor:
     """
     csum = torch.cumsum(tau.double(), 0)  # float64: the running sum spans many rays
     exclusive = csum - tau.double()
-    counts = torch.bincount(ray, minlength=num_rays)
-    starts = torch.cumsum(counts, 0) - counts
+    starts = ray_starts(ray, num_rays)
     ray_base = exclusive[starts.clamp(max=max(len(tau) - 1, 0))] if len(tau) else exclusive
     return torch.exp(-(exclusive - ray_base[ray])).float()
 
@@ -77,25 +88,28 @@ def composite(ray: Tensor, sigma: Tensor, rgb: Tensor, t: Tensor, dt: Tensor, nu
     return {"rgb": color, "depth": depth, "opacity": opacity, "weights": weights}
 
 
-def pack_samples(
-    origins: Tensor, dirs: Tensor, t_min: Tensor, t_max: Tensor, t_seq: Tensor, dt_seq: Tensor,
-    occupied, jitter: Tensor | None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Candidate samples in [t_min, t_max) whose cell is occupied, packed ray by ray.
+def occupied_candidates(
+    origins: Tensor, dirs: Tensor, t_min: Tensor, t_max: Tensor, t_seq: Tensor, dt_seq: Tensor, shift: Tensor, occupied,
+) -> Tensor:
+    """Which candidate samples lie in [t_min, t_max) and in an occupied cell: bool [R, K].
+
+    Candidate k of ray r sits at ``t_seq[k] + shift[r] * dt_seq[k]``. This is the march's pass over every
+    candidate of every ray (grid lookups only, no field); compiled, it is one fused kernel that writes
+    the mask alone instead of [R, K, 3] points and their intermediates.
 
     Args:
         occupied: function world points [..., 3] -> bool [...].
-        jitter: [R] in [0, 1) shifting each ray's samples within a step (training), or None (midpoints).
-    Returns:
-        ray index [S], t [S], dt [S].
+        shift: [R] in [0, 1): where each ray's samples sit within a step (random in training, 0.5 to render).
     """
-    shift = (jitter if jitter is not None else torch.full_like(t_min, 0.5))[:, None]
-    t = t_seq[None, :] + shift * dt_seq[None, :]  # [R, K]
-    valid = (t >= t_min[:, None]) & (t < t_max[:, None])
+    t = t_seq[None, :] + shift[:, None] * dt_seq[None, :]  # [R, K]
     x = origins[:, None, :] + t[..., None] * dirs[:, None, :]  # [R, K, 3]
-    keep = valid & occupied(x)
+    return (t >= t_min[:, None]) & (t < t_max[:, None]) & occupied(x)
+
+
+def pack_samples(keep: Tensor, shift: Tensor, t_seq: Tensor, dt_seq: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The candidates of a mask [R, K] packed ray by ray: ray index [S], t [S], dt [S]."""
     ray, k = keep.nonzero(as_tuple=True)
-    return ray, t[ray, k], dt_seq[k]
+    return ray, t_seq[k] + shift[ray] * dt_seq[k], dt_seq[k]
 
 
 #: Transmittance below which a ray counts as opaque: later samples are not evaluated.
