@@ -114,6 +114,10 @@ def train_stage(workspace: Workspace, config: Any, out: Path, key: str, run_: An
     model = NeLF(spec).to(device)
     try:
         metrics = train(model, data, real, config, out, key, device, rank, world)
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()  # no process tears gloo down while another still talks to it (that aborted 1 run in 5)
     except torch.cuda.OutOfMemoryError:
         raise StudentError(
             f"the student ({spec.depth} blocks x {spec.width}, {spec.width_px}x{spec.height_px}, batch {config.batch}) does not fit in the GPU's memory",
