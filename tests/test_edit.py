@@ -180,3 +180,49 @@ def test_nested_stage_folders(tmp_path: Path) -> None:
     with ws.begin("edit/b", {}, {}) as run_:
         (run_.path / "x.txt").write_text("x")
     assert ws.edits() == ["b"] and "edit/b" in ws.stages() and ws.manifest("edit/b") is not None
+
+
+def test_occupancy_limit_grows_the_teachers_cells_and_holds_through_updates() -> None:
+    from mg3d.teacher.occupancy import OccupancyGrid
+
+    grid = OccupancyGrid(8)
+    grid.mask.zero_()
+    grid.mask[(3 * 8 + 4) * 8 + 5] = True  # cell (3, 4, 5)
+    assert grid.limit_to_dilated(1) == pytest.approx(27 / 512)
+    assert int(grid.mask.sum()) == 1  # the mask itself is not grown, only what later updates may occupy
+    grid.update(lambda u: torch.full((len(u),), 10.0), threshold=0.01, all_cells=True)  # dense everywhere
+    cells = grid.mask.nonzero().squeeze(-1)
+    coords = torch.stack([cells // 64, (cells // 8) % 8, cells % 8], -1)
+    assert len(cells) == 27 and (coords - torch.tensor([3, 4, 5])).abs().max() == 1
+    assert grid.limit_to_dilated(0) == pytest.approx(27 / 512)
+
+
+def test_edit_fills_only_cells_near_the_teachers_unless_told(ws: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Noise edits (random weights, or wildly inconsistent ones) fitted freely turn into fog in empty space;
+    by default the edit may occupy only the teacher's occupied cells grown by --grow-cells."""
+    from mg3d.edit.editors import ColorShift
+    from mg3d.teacher.model import Teacher
+
+    monkeypatch.setattr(ColorShift, "edit", lambda self, renders, *a, **k: torch.rand(renders.shape, generator=torch.Generator().manual_seed(0)))
+    teacher = Teacher.load(ws / "teacher")
+    r = teacher.grid.resolution
+    cells = torch.arange(r**3)
+    x = cells // (r * r)
+    teacher.grid.mask &= x < r // 2  # the teacher's far half of the grid is free space
+    teacher.save(ws / "teacher")
+    free = x >= r // 2
+    occupied = {}
+    for grow in (-1, 0, 2):
+        name = f"noise{grow}"
+        result = invoke("edit", ws, "--prompt", "noise", "--name", name, "--edit-model", "builtin:color", *QUICK, "--eval-views", "1", "--rounds", "1",
+                        "--steps", "40", "--grow-cells", grow)
+        assert result.exit_code == 0, result.output
+        m = read_manifest(ws, f"edit/{name}")["metrics"]
+        mask = Teacher.load(ws / "edit" / name).grid.mask
+        assert m["grid_occupied_edited"] == pytest.approx(float(mask.float().mean()), abs=1e-4)
+        assert m["grid_occupied_teacher"] == pytest.approx(0.5, abs=1e-4)
+        occupied[grow] = mask
+    assert int((occupied[-1] & free).sum()) > 0.5 * int(free.sum())  # free: the dense field fills the free half again
+    assert not (occupied[0] & free).any()  # kept to the teacher's cells
+    grown = occupied[2] & free
+    assert grown.any() and int(x[grown].max()) <= r // 2 + 1  # two cells into the free half, no further

@@ -336,3 +336,27 @@ def test_options_layer_over_preset_and_config(ws: Path, cli, tmp_path: Path) -> 
     assert not list((ws / "teacher" / "renders").glob("*.png"))  # save_views 0 from the file
     bad = cli("teacher", ws, "--scene", "flat")
     assert bad.exit_code == 2 and "flat" in bad.output  # click refuses it before anything runs
+
+
+def test_distortion_loss_matches_the_pairwise_sum_and_prefers_one_surface() -> None:
+    """The O(S) distortion equals mip-NeRF 360's O(S^2) definition on packed rays of different lengths, and is
+    smaller for weight on one surface than for the same weight spread along the ray (fog)."""
+    import torch
+
+    from mg3d.teacher.rendering import distortion
+
+    g = torch.Generator().manual_seed(0)
+    ray = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2])
+    w, ds = torch.rand(9, generator=g), torch.rand(9, generator=g) * 0.1
+    s = torch.cat([torch.sort(torch.rand(k, generator=g))[0] for k in (3, 2, 4)])
+    want = torch.zeros(3)
+    for r in range(3):
+        i = ray == r
+        wi, si = w[i], s[i]
+        want[r] = (wi[:, None] * wi[None] * (si[:, None] - si[None]).abs()).sum() + (wi * wi * ds[i]).sum() / 3
+    torch.testing.assert_close(distortion(ray, w, s, ds, 3), want, atol=1e-6, rtol=1e-5)
+    s8, ds8 = torch.linspace(0, 1, 8), torch.full((8,), 1 / 8)
+    surface = torch.tensor([0, 0, 0, 0.9, 0.1, 0, 0, 0])
+    fog = torch.full((8,), 1 / 8)
+    ray8 = torch.zeros(8, dtype=torch.long)
+    assert distortion(ray8, surface, s8, ds8, 1) < 0.2 * distortion(ray8, fog, s8, ds8, 1)

@@ -66,10 +66,17 @@ class EditConfig:
     steps: int = 3000  # teacher training steps during the edit
     max_time_s: float = 0.0
     lr: float = 0.01
+    #: grid cells the edited field may occupy beyond the teacher's occupied cells (each grown by this many
+    #: cells); -1: anywhere (IN2N). Inconsistent edits otherwise fill free space with fog, which costs
+    #: every later render (the distill stage above all)
+    grow_cells: int = 4
+    #: weight of mip-NeRF 360's distortion loss while the field learns the edits: inconsistent edits pull
+    #: it towards fog, which the loss pushes back onto surfaces
+    distortion: float = 0.002  # nerfacto's weight, which IN2N edits with
     checkpoint_every: int = 500
     eval_views: int = 8  # held-out views rendered before and after
     save_views: int = 4
-    chunk: int = 1 << 16  # rays per render chunk: renders share the GPU with the editor, so they stay small
+    chunk: int = 1 << 18  # rays per render chunk (one 512x512 view): renders share the GPU with the editor
     device: str = "auto"
     seed: int = 0
 
@@ -80,6 +87,10 @@ class EditConfig:
             raise ConfigError("noise levels must satisfy 0 <= noise_min <= noise_max <= 1")
         if self.downscale < 0:
             raise ConfigError("downscale must not be negative")
+        if self.distortion < 0:
+            raise ConfigError("distortion must not be negative")
+        if self.grow_cells < -1:
+            raise ConfigError(f"grow_cells {self.grow_cells} is out of range", hint="use -1 (the edit may fill any cell) or 0 and up (cells around the teacher's)")
         for name in ("rounds", "edit_every", "edit_batch", "edit_resolution", "diffusion_steps", "steps", "checkpoint_every", "chunk"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")

@@ -45,6 +45,8 @@ def edit_field(workspace: Workspace, editor: Any, config: Any, run_: Any, key: s
         views.has_alpha = False
     originals = views.images.clone()
     model = Teacher.load(workspace.stage_dir("teacher"), device=device)
+    occupied_before = float(model.grid.mask.float().mean())
+    allowed = model.grid.limit_to_dilated(config.grow_cells) if config.grow_cells >= 0 else 1.0
     if device.type == "cuda" and teacher_config.get("compile", "auto") != "off":
         model.compile_kernels()
     state = _State(out, key, config.prompt, len(train_idx))
@@ -76,7 +78,7 @@ def edit_field(workspace: Workspace, editor: Any, config: Any, run_: Any, key: s
                 bar.advance(task, len(batch))
 
     cfg = SimpleNamespace(**{**teacher_config, "downscale": downscale, "steps": config.steps, "max_time_s": config.max_time_s, "lr": config.lr,
-                             "checkpoint_every": config.checkpoint_every, "random_background": False,
+                             "checkpoint_every": config.checkpoint_every, "random_background": False, "distortion": config.distortion,
                              "mixed_precision": teacher_config.get("mixed_precision", True)})
     bar = progress()
     with bar:
@@ -112,6 +114,8 @@ def edit_field(workspace: Workspace, editor: Any, config: Any, run_: Any, key: s
         "render_for_edit_s": round(timing["render_s"], 2), "wall_s": round(time.perf_counter() - t0, 2),
         "train_views": len(train_idx), "resolution": [int(views.size[0, 0]), int(views.size[0, 1])],
         "train_view_psnr_vs_edits": round(agreement, 3), "held_out_views": len(eval_idx),
+        "grid_occupied_teacher": round(occupied_before, 4), "grid_allowed": round(allowed, 4),
+        "grid_occupied_edited": round(float(model.grid.mask.float().mean()), 4),
     })
     if peak is not None:
         metrics["peak_gpu_gb"] = round(peak, 3)

@@ -41,6 +41,7 @@ class TeacherConfig:
     max_resolution: int = 2048
     hidden: int = 64
     density_bias: float = -1.0  # log density before training; lower starts transparent
+    distortion: float = 0.0  # weight of mip-NeRF 360's distortion loss (against fog and floaters; nerfacto: 0.002)
     grid_resolution: int = 128
     grid_update_every: int = 16
     steps_per_ray: int = 1024  # smallest step = 2 sqrt(3) bound / steps_per_ray
@@ -68,7 +69,7 @@ class TeacherConfig:
         for name in ("steps", "rays", "levels", "features", "log2_size", "hidden", "grid_resolution", "grid_update_every", "max_resolution", "steps_per_ray", "downscale", "checkpoint_every", "chunk"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
-        for name in ("max_time_s", "target_samples", "eval_views", "save_views", "cone", "near"):
+        for name in ("max_time_s", "target_samples", "eval_views", "save_views", "cone", "near", "distortion"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative")
         if self.appearance < -1 or not self.bound > 0 or not self.far > self.near:

@@ -21,7 +21,7 @@ from mg3d.errors import Mg3dError
 from mg3d.teacher.field import Field
 from mg3d.teacher.occupancy import OccupancyGrid
 from mg3d.teacher.rendering import (
-    EARLY_STOP, camera_rays, composite, distance_sequence, occupied_candidates, pack_samples, ray_aabb, ray_starts, transmittance,
+    EARLY_STOP, camera_rays, composite, distance_sequence, distortion, occupied_candidates, pack_samples, ray_aabb, ray_starts, transmittance,
 )
 
 
@@ -161,12 +161,13 @@ class Teacher(nn.Module):
     # ---- rendering ----------------------------------------------------------------------------------
     def render_rays(
         self, origins: Tensor, dirs: Tensor, image: Tensor | None = None, background: Tensor | None = None,
-        jitter: Tensor | None = None, max_samples: int = 0,
+        jitter: Tensor | None = None, max_samples: int = 0, with_distortion: bool = False,
     ) -> dict[str, Tensor]:
         """Render rays [R, 3] (unit directions). Returns rgb [R, 3], depth [R], opacity [R], samples (int).
 
         With gradients, at most ``max_samples`` samples are evaluated (0: no limit): rays past the budget
-        get no samples and are marked False in ``used`` [R], so a loss should skip them.
+        get no samples and are marked False in ``used`` [R], so a loss should skip them; ``with_distortion``
+        adds each ray's distortion loss [R] (see :func:`distortion`).
         """
         n = origins.shape[0]
         if not torch.is_grad_enabled():  # rendering: encode each sample once, colour only the visible ones
@@ -185,7 +186,19 @@ class Teacher(nn.Module):
         sigma, rgb = self.field(x, dirs[ray], None if image is None else image[ray])
         out = self._finish(composite(ray, sigma, rgb, t, dt, n), n, origins.device, background)
         out["used"] = used
+        if with_distortion:
+            s, ds = self.step_coordinate(t)
+            out["distortion"] = distortion(ray, out["weights"], s, ds, n)
         return out
+
+    def step_coordinate(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """Distances t [S] as a fraction of the march's steps, s in [0, 1), and each sample's width there
+        ([S], one step): uniform near the cameras, logarithmic in t far out, as mip-NeRF 360 normalises
+        distances for its distortion loss."""
+        k = (torch.searchsorted(self.t_seq, t.contiguous(), right=True) - 1).clamp(0, len(self.t_seq) - 1)
+        steps = len(self.t_seq)
+        s = (k + ((t - self.t_seq[k]) / self.dt_seq[k]).clamp(0, 1)) / steps
+        return s, torch.full_like(t, 1.0 / steps)
 
     @torch.no_grad()
     def march(

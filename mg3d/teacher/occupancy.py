@@ -21,6 +21,19 @@ class OccupancyGrid(nn.Module):
         self.resolution = resolution
         self.register_buffer("density", torch.full((resolution**3,), -1.0))  # [R^3]; -1: not measured yet
         self.register_buffer("mask", torch.ones(resolution**3, dtype=torch.bool))  # [R^3]
+        #: cells that may ever be occupied (None: all); not saved: the edit sets it from the teacher's mask
+        self.limit: Tensor | None = None
+
+    def limit_to_dilated(self, margin: int) -> float:
+        """Let later updates occupy only today's occupied cells grown by ``margin`` cells (a cube around each).
+        Returns the fraction of the grid allowed."""
+        r = self.resolution
+        grid = self.mask.view(1, 1, r, r, r).float()
+        if margin > 0:
+            grid = torch.nn.functional.max_pool3d(grid, 2 * margin + 1, stride=1, padding=margin)
+        self.limit = grid.view(-1) > 0
+        self.mask &= self.limit
+        return float(self.limit.float().mean())
 
     def cell_index(self, u: Tensor) -> Tensor:
         """Unit-cube points [..., 3] -> flat cell index [...] (points outside are clamped)."""
@@ -58,3 +71,5 @@ class OccupancyGrid(nn.Module):
         measured = self.density >= 0
         mean = float(self.density[measured].mean()) if measured.any() else threshold
         self.mask.copy_((self.density > min(threshold, mean)) | ~measured)
+        if self.limit is not None:
+            self.mask &= self.limit

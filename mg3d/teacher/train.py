@@ -116,10 +116,12 @@ def train(model: Teacher, views: Views, config: Any, folder: Path, key: str, pro
             with autocast:
                 out = model.render_rays(
                     origins, dirs, image_ids[b], background, jitter=torch.rand(rays, device=device),
-                    max_samples=4 * config.target_samples if config.target_samples else 0,
+                    max_samples=4 * config.target_samples if config.target_samples else 0, with_distortion=config.distortion > 0,
                 )
             used = out["used"]
             loss = torch.nn.functional.mse_loss(out["rgb"][used], target[used])
+            if config.distortion > 0:
+                loss = loss + config.distortion * out["distortion"][used].mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             for g in optimizer.param_groups:
