@@ -94,7 +94,7 @@ def export_target(workspace: Workspace, config: Any, out: Path) -> dict[str, Any
         if target == "ios":
             variants = _coreml_variants(net, spec, config, views, test_torch, out, bar, task)
         else:
-            keep32 = ox.encoding_nodes(graph, spec.in_channels)
+            keep32 = ox.encoding_nodes(graph, spec.in_channels) + ox.detail_nodes(graph)
             for precision in precisions:
                 path = work / {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}[precision]
                 if precision == "fp16":
@@ -103,7 +103,7 @@ def export_target(workspace: Workspace, config: Any, out: Path) -> dict[str, Any
                     onnx.save(half, str(path))
                 elif precision == "int8":
                     ox.to_int8(fp32_path, path, views.calib, ox.block_convs(graph, spec.width, spec.in_channels))
-                    if spec.planes:
+                    if spec.planes or spec.detail:
                         quantized = onnx.load(str(path))
                         ox.half_tables(quantized)
                         onnx.save(quantized, str(path))
@@ -132,7 +132,7 @@ def export_target(workspace: Workspace, config: Any, out: Path) -> dict[str, Any
         "pose_convention": "opengl_c2w",
         "cameras": {"example_pose": views.test[0].tolist(), "scene_center": list(spec.center), "near": spec.near, "far": spec.far},
         "student": {
-            "depth": spec.depth, "width": spec.width, "samples": spec.samples, "frequencies": spec.frequencies, "planes": spec.planes, "sr_factor": spec.sr_factor,
+            "depth": spec.depth, "width": spec.width, "samples": spec.samples, "frequencies": spec.frequencies, "planes": spec.planes, "detail": spec.detail, "sr_factor": spec.sr_factor,
             "upsample": spec.upsample, "activation": spec.activation, "norm_folded": spec.norm != "none", "ray_grid": [gw, gh],
             "parameters": parameter_count(net), "gmacs_per_frame": round(macs_per_frame(spec) / 1e9, 3),
         },

@@ -123,6 +123,13 @@ def encoding_nodes(graph: "onnx.ModelProto", in_channels: int) -> list[str]:
     raise ExportError("the exported graph has no input convolution of the student", hint="this is a bug in mg3d's exporter; please report it")
 
 
+def detail_nodes(graph: "onnx.ModelProto") -> list[str]:
+    """Names of the surface-detail nodes that place each pixel's point and read the planes (depth, ray,
+    contraction, plane indices, Gathers): they stay fp32, since in fp16 the cell indices of a 512-cell plane
+    and the point positions lose whole cells. The fusing convolution after them may run in fp16."""
+    return [node.name for node in graph.graph.node if node.name.startswith("/detail/") and not node.name.startswith("/detail/fuse/")]
+
+
 def block_convs(graph: "onnx.ModelProto", width: int, in_channels: int) -> list[str]:
     """Names of the input convolution and the residual blocks' 1x1 convolutions: what int8 quantizes.
 
@@ -149,7 +156,42 @@ def to_fp16(graph: "onnx.ModelProto", keep_fp32: list[str]) -> "onnx.ModelProto"
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     with quiet():
-        return convert_float_to_float16(graph, keep_io_types=True, node_block_list=keep_fp32)
+        half = convert_float_to_float16(graph, keep_io_types=True, node_block_list=keep_fp32)
+    drop_cast_round_trips(half)
+    return half
+
+
+def drop_cast_round_trips(graph: "onnx.ModelProto") -> int:
+    """Remove fp32 -> fp16 -> fp32 Cast pairs, in place; returns how many.
+
+    onnxruntime's fp16 converter casts every float edge of a kept-fp32 node to fp16 and back, also between
+    two kept nodes, so values on such edges still pass through fp16: 510 * 512, a plane index, becomes inf,
+    and the phases of the positional encoding are rounded. Consumers of such a pair read the fp32 tensor.
+    """
+    from onnx import TensorProto, helper, shape_inference
+
+    types = {v.name: v.type.tensor_type.elem_type for v in shape_inference.infer_shapes(graph).graph.value_info}
+    types.update({v.name: v.type.tensor_type.elem_type for v in graph.graph.input})
+    producers = {out: node for node in graph.graph.node for out in node.output}
+    outputs = {o.name for o in graph.graph.output}
+
+    def cast_to(node: "onnx.NodeProto") -> int | None:
+        return next((helper.get_attribute_value(a) for a in node.attribute if a.name == "to"), None) if node.op_type == "Cast" else None
+
+    rename: dict[str, str] = {}
+    for node in graph.graph.node:
+        first = producers.get(node.input[0]) if node.op_type == "Cast" else None
+        if (first is not None and cast_to(node) == TensorProto.FLOAT and cast_to(first) == TensorProto.FLOAT16
+                and types.get(first.input[0]) == TensorProto.FLOAT and node.output[0] not in outputs):
+            rename[node.output[0]] = first.input[0]
+    for node in graph.graph.node:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+    used = {name for node in graph.graph.node for name in node.input} | outputs
+    for node in [n for n in graph.graph.node if n.op_type == "Cast" and n.output[0] not in used]:
+        graph.graph.node.remove(node)  # the dropped second casts, and first casts that nothing else reads
+    return len(rename)
 
 
 def half_tables(graph: "onnx.ModelProto", min_elements: int = 1 << 16) -> int:

@@ -110,7 +110,7 @@ def capture(ctx: click.Context, source: Path | None, out: Path, demo: bool, pres
 
 _TEACHER_OPTIONS = [
     "steps", "max_time_s", "rays", "target_samples", "lr", "levels", "features", "log2_size", "max_resolution", "hidden",
-    "density_bias", "grid_resolution", "grid_update_every", "steps_per_ray", "cone", "scene", "bound", "near", "far",
+    "density_bias", "distortion", "grid_resolution", "grid_update_every", "steps_per_ray", "cone", "scene", "bound", "near", "far",
     "appearance", "pose_refine", "random_background", "downscale", "mixed_precision", "checkpoint_every", "eval_views",
     "save_views", "chunk", "device", "seed", "compile",
 ]
@@ -129,6 +129,7 @@ _TEACHER_OPTIONS = [
 @click.option("--max-resolution", type=click.IntRange(min=1), help="Resolution of the finest hash-grid level [default: 2048].")
 @click.option("--hidden", type=click.IntRange(min=1), help="Width of the MLPs [default: 64].")
 @click.option("--density-bias", type=float, help="Log density of the untrained field; lower starts more transparent [default: -1.0].")
+@click.option("--distortion", type=click.FloatRange(min=0), help="Weight of mip-NeRF 360's distortion loss, which pulls each ray's weight onto one surface (against fog and floaters) [default: 0].")
 @click.option("--grid-resolution", type=click.IntRange(min=1), help="Cells per side of the occupancy grid [default: 128].")
 @click.option("--grid-update-every", type=click.IntRange(min=1), help="Update the occupancy grid every this many steps [default: 16].")
 @click.option("--steps-per-ray", type=click.IntRange(min=1), help="Smallest step is 2 sqrt(3) bound / this [default: 1024].")
@@ -213,7 +214,7 @@ def distill(ctx: click.Context, workspace: Path, preset: str | None, config_file
 _EDIT_OPTIONS = [
     "prompt", "name", "edit_model", "guidance_scale", "image_guidance_scale", "diffusion_steps", "noise_min", "noise_max", "mode",
     "rounds", "edit_every", "edit_batch", "edit_resolution", "edit_dtype", "offload", "attention_slicing", "downscale", "steps", "max_time_s",
-    "lr", "checkpoint_every", "eval_views", "save_views", "chunk", "device", "seed",
+    "lr", "grow_cells", "distortion", "checkpoint_every", "eval_views", "save_views", "chunk", "device", "seed",
 ]
 
 
@@ -239,10 +240,12 @@ _EDIT_OPTIONS = [
 @click.option("--steps", type=click.IntRange(min=1), help="Training steps of the field during the edit [default: 3000].")
 @click.option("--max-time-s", type=click.FloatRange(min=0), help="Stop training after this many seconds; 0: no limit [default: 0].")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Learning rate of the field [default: 0.01].")
+@click.option("--distortion", type=click.FloatRange(min=0), help="Weight of mip-NeRF 360's distortion loss while the field learns the edits (inconsistent edits pull it towards fog) [default: 0.002, as nerfacto under IN2N].")
+@click.option("--grow-cells", type=click.IntRange(min=-1), help="Occupancy-grid cells the edit may fill around the teacher's occupied ones (keeps free space free of fog); -1: anywhere, as IN2N [default: 4].")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), help="Save a checkpoint to resume from every this many steps [default: 500].")
 @click.option("--eval-views", type=click.IntRange(min=0), help="Held-out views rendered before and after; 0: all [default: 8].")
 @click.option("--save-views", type=click.IntRange(min=0), help="Side-by-side pictures (original | edited) to write [default: 4].")
-@click.option("--chunk", type=click.IntRange(min=1), help="Rays per render chunk; lower it to save memory [default: 1048576, capped by a candidate budget].")
+@click.option("--chunk", type=click.IntRange(min=1), help="Rays per render chunk; lower it to save memory [default: 65536: the renders share the GPU with the editor].")
 @click.option("--device", type=str, help="Torch device: auto, cpu, cuda, cuda:1 ... [default: auto].")
 @click.option("--seed", type=int, help="Random seed [default: 0].")
 @click.option("--preview", is_flag=True, help="Edit a few training photos in 2D only and write one picture; no 3D, seconds.")
@@ -392,7 +395,7 @@ def report(workspace: Path) -> None:
 
 
 _STUDENT_OPTIONS = [
-    "depth", "width", "samples", "frequencies", "planes", "plane_resolution", "sr_factor", "upsample", "activation", "norm", "resolution", "steps",
+    "depth", "width", "samples", "frequencies", "planes", "plane_resolution", "detail", "detail_resolution", "depth_weight", "sr_factor", "upsample", "activation", "norm", "resolution", "steps",
     "max_time_s", "batch", "lr", "plane_lr", "weight_decay", "warmup", "finetune_fraction", "finetune_real", "mixed_precision", "checkpoint_every", "eval_views",
     "save_views", "preload_gb", "device", "seed", "compile",
 ]
@@ -406,6 +409,9 @@ _STUDENT_OPTIONS = [
 @click.option("--frequencies", type=click.IntRange(min=0), help="Positional-encoding frequencies [default: 6].")
 @click.option("--planes", type=click.IntRange(min=0), help="Channels of the learned feature planes (xy, xz, yz) read at every ray point; 0: none, the MobileR2L encoding alone [default: 0].")
 @click.option("--plane-resolution", type=click.IntRange(min=2), help="Cells per side of each feature plane [default: 128].")
+@click.option("--detail", type=click.IntRange(min=0), help="Channels of the per-pixel surface texture: planes read where each output pixel's ray meets the surface the student predicts (trained on the teacher's depth); 0: none, as MobileR2L [default: 0].")
+@click.option("--detail-resolution", type=click.IntRange(min=2), help="Cells per side of each surface-texture plane [default: 512].")
+@click.option("--depth-weight", type=click.FloatRange(min=0), help="Weight of the loss between the student's surface depth and the teacher's [default: 0.1].")
 @click.option("--sr-factor", type=click.IntRange(min=1), help="Super-resolution factor, a power of two [default: 8].")
 @click.option("--upsample", type=click.Choice(["shuffle", "transpose"]), help="Upsampling: shuffle (depth-to-space, NNAPI-friendly) or transpose (MobileR2L) [default: shuffle].")
 @click.option("--activation", type=click.Choice(["gelu_tanh", "gelu"]), help="GELU form: gelu_tanh (tanh approximation; every mobile delegate runs it) or gelu (exact; Erf, which NNAPI lacks) [default: gelu_tanh].")

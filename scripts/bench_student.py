@@ -41,8 +41,9 @@ def _timed(fn, repeats: int, cuda: bool) -> float:
     return statistics.median(times)
 
 
-def speed(ws: Path, student_dir: Path, repeats: int, threads: int) -> dict:
-    """Student vs teacher frame time at the student's resolution on one held-out camera."""
+def speed(ws: Path, student_dir: Path, repeats: int, threads: int, onnx_models: tuple[Path, ...] = ()) -> dict:
+    """Student vs teacher frame time at the student's resolution on one held-out camera (and the student's
+    exported ONNX files ``onnx_models`` on onnxruntime)."""
     import torch
 
     from mg3d.formats.nerfstudio import load_nerfstudio
@@ -69,17 +70,30 @@ def speed(ws: Path, student_dir: Path, repeats: int, threads: int) -> dict:
         if cuda:
             half = NeLF.load(student_dir, device).eval().half().to(memory_format=torch.channels_last)
             result["student_fp16_ms"] = 1000 * _timed(lambda: half(pose.half()), repeats, cuda)
-            graphed = torch.compile(half, mode="reduce-overhead")  # CUDA graphs: no per-layer launch cost
-            result["student_fp16_cudagraph_ms"] = 1000 * _timed(lambda: graphed(pose.half()), repeats, cuda)
+            try:
+                graphed = torch.compile(half, mode="reduce-overhead")  # CUDA graphs: no per-layer launch cost
+                result["student_fp16_cudagraph_ms"] = 1000 * _timed(lambda: graphed(pose.half()), repeats, cuda)
+            except Exception as exc:  # noqa: BLE001 - a compiler failure loses one row, not the run
+                result["student_fp16_cudagraph_error"] = f"{exc.__class__.__name__}: {str(exc)[:200]}"
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 result["student_bf16_autocast_ms"] = 1000 * _timed(lambda: student(pose), repeats, cuda)
         result["student_fp32_ms"] = 1000 * _timed(lambda: student(pose), repeats, cuda)
+        for path in onnx_models:  # exported variants on onnxruntime's CPU provider, same camera
+            from mg3d.export.onnxmodel import session
+
+            sess, feed = session(path, threads), {"c2w": pose.cpu().numpy()}
+            result[f"student_ort_{path.stem.replace('.', '_')}_ms"] = 1000 * _timed(lambda: sess.run(None, feed), repeats, False)
         result["teacher_ms"] = 1000 * _timed(lambda: teacher.render(pose, *intr, w, h), max(3, repeats // 4), cuda)
     best = min(v for k, v in result.items() if k.startswith("student_") and k.endswith("_ms"))
     result["student_fps"] = round(1000 / best, 1)
     result["teacher_fps"] = round(1000 / result["teacher_ms"], 2)
     result["speedup"] = round(result["teacher_ms"] / best, 1)
     return {k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}
+
+
+def _pairs(items: list[str]) -> dict:
+    """["key=value", ...] -> {key: YAML value}."""
+    return {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in items)}
 
 
 def main() -> None:
@@ -93,8 +107,10 @@ def main() -> None:
     parser.add_argument("--preset", default="default")
     parser.add_argument("--tag", default="default")
     parser.add_argument("--set", action="append", default=[], help="student option KEY=VALUE (YAML value)")
+    parser.add_argument("--teacher-set", action="append", default=[], help="teacher option KEY=VALUE (YAML value)")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for the speed phase (0: torch's default)")
+    parser.add_argument("--onnx", type=Path, action="append", default=[], help="speed phase: also time this exported model on onnxruntime")
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
     opts = parser.parse_args()
 
@@ -119,7 +135,7 @@ def main() -> None:
 
         if ws.manifest("capture") is None:
             capture(opts.dataset, CaptureConfig(), ws)
-        config = resolve_config(TeacherConfig, "teacher", opts.preset, overrides={"steps": 100000, "max_time_s": opts.teacher_time})
+        config = resolve_config(TeacherConfig, "teacher", opts.preset, overrides={"steps": 100000, "max_time_s": opts.teacher_time, **_pairs(opts.teacher_set)})
         write("teacher", teach(ws, config, force=True).manifest["metrics"])
     if "distill" in phases:
         from mg3d.student.distill import DistillConfig
@@ -132,10 +148,7 @@ def main() -> None:
         from mg3d.student import StudentConfig
         from mg3d.student import run as teach_student
 
-        overrides = {"steps": 10**7, "max_time_s": opts.student_time}
-        for item in opts.set:
-            key, value = item.split("=", 1)
-            overrides[key] = yaml.safe_load(value)
+        overrides = {"steps": 10**7, "max_time_s": opts.student_time, **_pairs(opts.set)}
         config = resolve_config(StudentConfig, "student", opts.preset, overrides=overrides)
         metrics = teach_student(ws, config, force=True).manifest["metrics"]
         keep = opts.ws / f"student_{opts.tag}"
@@ -145,7 +158,7 @@ def main() -> None:
         for png in sorted((keep / "renders").glob("*.png"))[:2]:
             shutil.copy(png, opts.out / f"student_{opts.tag}_{png.name}")
     if "speed" in phases:
-        write(f"speed_{opts.tag}", speed(opts.ws, opts.ws / f"student_{opts.tag}", opts.repeats, opts.threads))
+        write(f"speed_{opts.tag}", speed(opts.ws, opts.ws / f"student_{opts.tag}", opts.repeats, opts.threads, tuple(opts.onnx)))
 
 
 if __name__ == "__main__":

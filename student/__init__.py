@@ -36,6 +36,9 @@ class StudentConfig:
     frequencies: int = 6  # positional-encoding frequencies
     planes: int = 0  # channels of learned feature planes read at every ray point (0: none, as MobileR2L)
     plane_resolution: int = 128  # cells per side of each plane
+    detail: int = 0  # channels of the per-pixel surface-texture planes (0: none, as MobileR2L); needs the teacher's depth
+    detail_resolution: int = 512  # cells per side of each detail plane
+    depth_weight: float = 0.1  # weight of the L1 loss between the detail branch's depth and the teacher's (fraction of the sample range)
     sr_factor: int = 8  # super-resolution factor
     upsample: str = "shuffle"  # shuffle (depth-to-space; NNAPI-friendly) or transpose (MobileR2L)
     activation: str = "gelu_tanh"  # gelu_tanh (Tanh: NNAPI and Core ML run it) or gelu (exact; Erf, which NNAPI lacks)
@@ -65,7 +68,9 @@ class StudentConfig:
                 raise ConfigError(f"{name} must be positive")
         if self.plane_resolution < 2:
             raise ConfigError(f"plane_resolution {self.plane_resolution} is too small", hint="use 2 cells or more")
-        for name in ("frequencies", "planes", "max_time_s", "weight_decay", "warmup", "eval_views", "save_views", "preload_gb"):
+        if self.detail_resolution < 2:
+            raise ConfigError(f"detail_resolution {self.detail_resolution} is too small", hint="use 2 cells or more")
+        for name in ("frequencies", "planes", "detail", "depth_weight", "max_time_s", "weight_decay", "warmup", "eval_views", "save_views", "preload_gb"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative")
         if self.compile not in ("auto", "on", "off"):
@@ -138,7 +143,7 @@ def run(workspace: Workspace, config: StudentConfig, force: bool = False) -> Stu
         if rank == 0:
             console.print(f"student in {workspace.root} is up to date (use --force to redo it)")
         return StudentResult(workspace.manifest(STAGE) or {}, skipped=True)
-    _check_size(folder, config)  # a bad --resolution fails before anything is written
+    _check_data(workspace, folder, config)  # a bad --resolution or missing surfaces fail before anything is written
     key_fields = {k: v for k, v in config_dict.items() if k not in _SCHEDULE_ONLY}
     key = hashlib.sha256(json.dumps([key_fields, inputs, world], sort_keys=True).encode()).hexdigest()[:16]
     if force and rank == 0:
@@ -154,7 +159,7 @@ def run(workspace: Workspace, config: StudentConfig, force: bool = False) -> Stu
     return StudentResult(run_.manifest, skipped=False)
 
 
-def _check_size(folder: Any, config: StudentConfig) -> None:
+def _check_data(workspace: Workspace, folder: Any, config: StudentConfig) -> None:
     from mg3d.student.model import StudentError
 
     try:
@@ -163,3 +168,6 @@ def _check_size(folder: Any, config: StudentConfig) -> None:
     except (OSError, ValueError, KeyError) as exc:
         raise StudentError(f"the pseudo data in {folder} is unreadable ({exc.__class__.__name__})", hint="redo it with mg3d distill WS --force") from None
     output_size(config.resolution, width, height, config.sr_factor)
+    if config.detail and len(meta.get("surfaces", [])) != len(meta.get("shards", [])):
+        raise StudentError("--detail learns where each pixel's ray meets the surface, and this pseudo data has no surface distances (made by an older mg3d)",
+                           hint=f"redo it with mg3d distill {workspace.root} --force, or train without --detail")

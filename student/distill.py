@@ -5,6 +5,7 @@ Writes ``WS/distill/``::
     distill.json          size, intrinsics, count, shards, the depth range seen, camera kind
     cameras.npy           [N, 4, 4] float32 OpenGL camera-to-world of every view
     shard_0000.npy ...    [n, H, W, 3] uint8 (or float16) images, read back memory-mapped
+    surface_0000.npy ...  [n, H, W] float16 distance along each pixel's ray to the teacher's surface (0: none)
     preview.png           a contact sheet of the first views
 
 An interrupted run keeps its finished shards (``WS/.distill.partial/``) and renders only the rest.
@@ -146,20 +147,24 @@ def _render(workspace: Workspace, source: str, scene: Any, train_idx: np.ndarray
         task = bar.add_task("rendering pseudo views", total=config.views)
         for n, (start, stop) in enumerate(shards):
             path = out / f"shard_{n:04d}.npy"
-            if path.is_file() and (out / f"depth_{n:04d}.npy").is_file():
+            if path.is_file() and (out / f"depth_{n:04d}.npy").is_file() and (out / f"surface_{n:04d}.npy").is_file():
                 bar.advance(task, stop - start)
                 continue
             images = np.lib.format.open_memmap(str(path) + ".tmp", mode="w+", dtype=dtype, shape=(stop - start, height, width, 3))
+            surface = np.lib.format.open_memmap(str(out / f"surface_{n:04d}.npy") + ".tmp", mode="w+", dtype=np.float16, shape=(stop - start, height, width))
             ranges = np.full((stop - start, 2), np.nan, np.float32)
             for i in range(start, stop):
-                rgb, depth_range = _render_one(teacher, cameras[i], fx, fy, cx, cy, width, height, config.chunk)
+                rgb, surface_map, depth_range = _render_one(teacher, cameras[i], fx, fy, cx, cy, width, height, config.chunk)
                 images[i - start] = (rgb * 255 + 0.5).astype(np.uint8) if dtype == np.uint8 else rgb.astype(np.float16)
+                surface[i - start] = surface_map
                 ranges[i - start] = depth_range
                 rendered += 1
                 bar.advance(task)
             images.flush()
-            del images
+            surface.flush()
+            del images, surface
             np.save(out / f"depth_{n:04d}.npy", ranges)
+            os.replace(str(out / f"surface_{n:04d}.npy") + ".tmp", out / f"surface_{n:04d}.npy")
             os.replace(str(path) + ".tmp", path)  # a shard exists only when it is complete
     render_s = time.perf_counter() - t0
     ranges = np.concatenate([np.load(out / f"depth_{n:04d}.npy") for n in range(len(shards))])
@@ -167,6 +172,7 @@ def _render(workspace: Workspace, source: str, scene: Any, train_idx: np.ndarray
     meta = {
         "schema": 1, "count": config.views, "width": width, "height": height, "fx": fx, "fy": fy, "cx": cx, "cy": cy,
         "dtype": config.dtype, "shards": [f"shard_{n:04d}.npy" for n in range(len(shards))], "kind": kind,
+        "surfaces": [f"surface_{n:04d}.npy" for n in range(len(shards))],
         "near": near, "far": far, "unbounded": bool(teacher.spec.unbounded),
         "bound": float(teacher.spec.bound), "background": teacher.spec.background, "source": source,
     }
@@ -183,19 +189,22 @@ def _render(workspace: Workspace, source: str, scene: Any, train_idx: np.ndarray
     }
 
 
-def _render_one(teacher: Any, c2w: np.ndarray, fx: float, fy: float, cx: float, cy: float, width: int, height: int, chunk: int) -> tuple[np.ndarray, np.ndarray]:
-    """One view: rgb [H, W, 3] float in [0, 1] and the 1st/99th depth percentile of its opaque pixels."""
+def _render_one(teacher: Any, c2w: np.ndarray, fx: float, fy: float, cx: float, cy: float, width: int, height: int, chunk: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One view: rgb [H, W, 3] float in [0, 1], the distance to the surface along each pixel's ray [H, W]
+    float16 (the weights' mean distance; 0 where the pixel is less than half opaque) and the 1st/99th
+    percentile of those distances."""
     import torch
 
     out = teacher.render(torch.from_numpy(c2w)[None], fx, fy, cx, cy, width, height, chunk=chunk)
     opaque = out["opacity"][0] > 0.5
-    depth = out["depth"][0][opaque]
+    surface = torch.where(opaque, out["depth"][0] / out["opacity"][0].clamp(min=0.5), 0.0)
+    depth = surface[opaque]
     if depth.numel() > 16:
         q = torch.quantile(depth.float()[:: max(1, depth.numel() // 65536)], torch.tensor([0.01, 0.99], device=depth.device))
         depth_range = q.cpu().numpy()
     else:
         depth_range = np.array([np.nan, np.nan], np.float32)
-    return out["rgb"][0].float().cpu().numpy(), depth_range
+    return out["rgb"][0].float().cpu().numpy(), surface.half().cpu().numpy(), depth_range
 
 
 def _depth_range(ranges: np.ndarray, teacher: Any) -> tuple[float, float]:
@@ -226,7 +235,8 @@ def _preview(out: Path, meta: dict[str, Any], count: int = 16) -> None:
 class PseudoData:
     """The pseudo views of ``WS/distill``, memory-mapped.
 
-    images [N, H, W, 3] (uint8 or float16) are read lazily from the shards; cameras [N, 4, 4].
+    images [N, H, W, 3] (uint8 or float16) are read lazily from the shards; cameras [N, 4, 4]; surfaces
+    [N, H, W] float16 (distance to the teacher's surface, 0: none) where the data has them (``has_surfaces``).
     """
 
     def __init__(self, folder: Path) -> None:
@@ -236,6 +246,8 @@ class PseudoData:
             self.meta = json.loads((folder / "distill.json").read_text())
             self.cameras = np.load(folder / "cameras.npy", allow_pickle=False)
             self.shards = [np.load(folder / name, mmap_mode="r", allow_pickle=False) for name in self.meta["shards"]]
+            # pseudo data made before surfaces were stored has none; the detail branch needs them
+            self.surfaces = [np.load(folder / name, mmap_mode="r", allow_pickle=False) for name in self.meta.get("surfaces", [])]
         except (OSError, ValueError, KeyError) as exc:
             raise StudentError(f"the pseudo data in {folder} is unreadable ({exc.__class__.__name__})", hint="redo it with mg3d distill WS --force") from None
         self.offsets = np.cumsum([0] + [len(s) for s in self.shards])
@@ -254,5 +266,17 @@ class PseudoData:
         shard = np.searchsorted(self.offsets, indices, side="right") - 1
         return np.stack([self.shards[s][i - self.offsets[s]] for s, i in zip(shard, indices)])
 
+    @property
+    def has_surfaces(self) -> bool:
+        return len(self.surfaces) == len(self.shards)
+
+    def surface(self, indices: np.ndarray) -> np.ndarray:
+        """Surface distances [len(indices), H, W] float16 of the given views."""
+        shard = np.searchsorted(self.offsets, indices, side="right") - 1
+        return np.stack([self.surfaces[s][i - self.offsets[s]] for s, i in zip(shard, indices)])
+
     def all_images(self) -> np.ndarray:
         return np.concatenate([np.asarray(s) for s in self.shards])
+
+    def all_surfaces(self) -> np.ndarray:
+        return np.concatenate([np.asarray(s) for s in self.surfaces])

@@ -61,6 +61,8 @@ class StudentSpec:
     norm: str = "batch"  # batch: BatchNorm after each 1x1 conv of the stem and blocks (folded into the convs at export); none
     planes: int = 0  # learned feature planes (xy, xz, yz) read at every ray point: channels per plane (0: none, MobileR2L)
     plane_resolution: int = 128  # cells per side of each plane
+    detail: int = 0  # per-pixel surface texture: channels of three planes read where each output pixel's ray meets the predicted surface (0: none)
+    detail_resolution: int = 512  # cells per side of each detail plane
 
     def __post_init__(self) -> None:
         check_resolution(self.width_px, self.height_px, self.sr_factor)
@@ -76,6 +78,8 @@ class StudentSpec:
             raise ConfigError("samples, depth and width must be positive; frequencies and planes not negative")
         if self.planes and self.plane_resolution < 2:
             raise ConfigError(f"plane_resolution {self.plane_resolution} is too small", hint="use 2 cells or more (128 is the default)")
+        if self.detail < 0 or (self.detail and self.detail_resolution < 2):
+            raise ConfigError(f"detail {self.detail} / detail_resolution {self.detail_resolution} are out of range", hint="use detail >= 0 and a resolution of 2 cells or more (512 is the default)")
         if not 0 < self.near < self.far:
             raise ConfigError(f"near {self.near} and far {self.far} must satisfy 0 < near < far")
 
@@ -119,21 +123,32 @@ def contract(x: Tensor, dim: int) -> Tensor:
     return x * ((2.0 * m - 1.0) / (m * m))
 
 
+def distance_at(spec: StudentSpec, s: Tensor) -> Tensor:
+    """Distance along the ray at the fraction s in [0, 1] of the sample range: linear in distance from near to
+    far (bounded scenes) or in disparity (unbounded captures). Any shape."""
+    if spec.spacing == "linear":
+        return spec.near + (spec.far - spec.near) * s
+    return 1.0 / (1.0 / spec.near * (1 - s) + 1.0 / spec.far * s)
+
+
+def fraction_at(spec: StudentSpec, t: Tensor) -> Tensor:
+    """The inverse of :func:`distance_at`: distances t -> fractions s (not clamped)."""
+    if spec.spacing == "linear":
+        return (t - spec.near) / (spec.far - spec.near)
+    return (1.0 / spec.near - 1.0 / t) / (1.0 / spec.near - 1.0 / spec.far)
+
+
 def sample_distances(spec: StudentSpec) -> Tensor:
     """The fixed distances [S] of the samples on every ray (bin centres)."""
-    s = (torch.arange(spec.samples, dtype=torch.float64) + 0.5) / spec.samples
-    if spec.spacing == "linear":
-        t = spec.near + (spec.far - spec.near) * s
-    else:
-        t = 1.0 / (1.0 / spec.near * (1 - s) + 1.0 / spec.far * s)
-    return t.float()
+    return distance_at(spec, (torch.arange(spec.samples, dtype=torch.float64) + 0.5) / spec.samples).float()
 
 
-def grid_directions(spec: StudentSpec, intrinsics: Tensor | None = None) -> Tensor:
+def grid_directions(spec: StudentSpec, intrinsics: Tensor | None = None, step: int | None = None) -> Tensor:
     """Camera-space unit ray directions through the ray-grid cells: [3, h*w], or [B, 3, h*w] for intrinsics [B, 4]
-    (fx, fy, cx, cy at the output size). Each cell is an sr_factor x sr_factor block of output pixels."""
-    gw, gh = spec.grid
-    s = spec.sr_factor
+    (fx, fy, cx, cy at the output size). Each cell is a ``step`` x ``step`` block of output pixels (default
+    sr_factor: the low-resolution grid; 1: every output pixel)."""
+    s = spec.sr_factor if step is None else step
+    gw, gh = spec.width_px // s, spec.height_px // s
     v, u = torch.meshgrid(torch.arange(gh, dtype=torch.float32), torch.arange(gw, dtype=torch.float32), indexing="ij")
     u, v = (u.reshape(-1) + 0.5) * s, (v.reshape(-1) + 0.5) * s  # block centres in output pixels
     if intrinsics is None:
@@ -164,8 +179,10 @@ def plane_features(x: Tensor, planes: Tensor, resolution: int, extent: float, sa
     v = torch.stack([cell[:, b] for _, b in axes], 1)
     fu = torch.stack([frac[:, a] for a, _ in axes], 1).unsqueeze(-1)  # [B, 3, S, P, 1]
     fv = torch.stack([frac[:, b] for _, b in axes], 1).unsqueeze(-1)
-    base = torch.arange(3, dtype=torch.float32, device=x.device).view(1, 3, 1, 1) * float(r * r)
-    index = (base + v * r + u).long()  # [B, 3, S, P], corner (u, v)
+    # the planes' offsets are int64 constants: an fp16 converter turns float constants into fp16 even for the
+    # nodes it keeps in fp32, and offsets past 65,504 (planes of more than 181 cells) would become inf
+    base = torch.arange(3, dtype=torch.long, device=x.device).view(1, 3, 1, 1) * (r * r)
+    index = (v * r + u).long() + base  # [B, 3, S, P], corner (u, v)
     c = planes.shape[1]
 
     def read(offset: int) -> Tensor:
@@ -232,6 +249,47 @@ def sr_channels(width: int, stages: int) -> list[int]:
     return [max(width >> (i + 1), 16) for i in range(stages)]
 
 
+class SurfaceDetail(nn.Module):
+    """Per-pixel texture from where each output pixel's ray meets the surface.
+
+    The ray grid is ``sr_factor`` times coarser than the image, so without help the super-resolution layers
+    must invent every pixel inside a block from the block's features: a perfect 50x50 lego image upsampled
+    to 400x400 scores 22.1 dB, about where minutes-trained MobileR2L students stop (BENCHMARKS.md). Here the
+    upsampled features predict a distance along each pixel's own ray (``depth``, trained on the teacher's
+    depth), and three learned feature planes (xy, xz, yz) are read there: a texture atlas that every view of a
+    surface point reads from the same cells, so it learns at the speed of a feature grid. Gather reads, no
+    GridSample (see :func:`plane_features`); everything here runs in fp32 (indices into the planes).
+    """
+
+    def __init__(self, spec: StudentSpec, channels: int) -> None:
+        super().__init__()
+        self.spec = spec
+        self.register_buffer("dirs", grid_directions(spec, step=1), persistent=False)  # [3, H*W]
+        self.register_buffer("center", torch.tensor(spec.center, dtype=torch.float32), persistent=False)  # [3]
+        self.planes = nn.Parameter(torch.empty(3 * spec.detail_resolution**2, spec.detail).uniform_(-1e-2, 1e-2))
+        self.depth = nn.Conv2d(channels, 1, 1)
+        nn.init.zeros_(self.depth.weight)  # starts at the middle of the sample range
+        nn.init.zeros_(self.depth.bias)
+        self.fuse = nn.Conv2d(channels + 3 * spec.detail, channels, 1)
+
+    def forward(self, c2w: Tensor, features: Tensor, intrinsics: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """features [B, C, H, W] -> (fused features [B, C, H, W], distance along each pixel's ray [B, 1, H, W])."""
+        spec = self.spec
+        p = spec.width_px * spec.height_px
+        s = torch.sigmoid(self.depth(features).float())  # [B, 1, H, W]: fraction of the sample range
+        with torch.autocast(c2w.device.type, enabled=False):  # positions and plane indices need fp32
+            t = distance_at(spec, s).reshape(-1, 1, 1, p)  # [B, 1, 1, P]
+            dirs = self.dirs.float() if intrinsics is None else grid_directions(spec, intrinsics, step=1)
+            c2w = c2w.float()
+            d = torch.matmul(c2w[:, :3, :3], dirs)  # [B, 3, P]
+            pts = c2w[:, :3, 3:4][:, :, None, :] + d[:, :, None, :] * t  # [B, 3, 1, P]
+            points = contract((pts - self.center.float().view(1, 3, 1, 1)) / spec.radius, dim=1)
+            feats = plane_features(points, self.planes, spec.detail_resolution, spec.plane_extent, 1, p)  # [B, 3, 1, C, P]
+        feats = feats.reshape(-1, 3 * spec.detail, spec.height_px, spec.width_px)
+        fused = self.fuse(torch.cat([features, feats.to(features.dtype)], 1))
+        return fused, t.reshape(-1, 1, spec.height_px, spec.width_px)
+
+
 class NeLF(nn.Module):
     """Pose in, image out. See the module docstring."""
 
@@ -262,6 +320,8 @@ class NeLF(nn.Module):
             layers += [activation(spec.activation), nn.Conv2d(c_out, c_out, 3, padding=1), activation(spec.activation)]
             c_in = c_out
         self.upsampler = nn.Sequential(*layers)
+        if spec.detail:
+            self.detail = SurfaceDetail(spec, c_in)
         self.head = nn.Conv2d(c_in, 3, 1)
 
     def encode(self, c2w: Tensor, intrinsics: Tensor | None = None) -> Tensor:
@@ -283,12 +343,18 @@ class NeLF(nn.Module):
             x = torch.cat([x, feats.reshape(-1, 3 * spec.samples * spec.planes, gh, gw)], 1)
         return x
 
-    def forward(self, c2w: Tensor, intrinsics: Tensor | None = None) -> Tensor:
-        """Images rgb [B, 3, H, W] in [0, 1] for OpenGL cameras c2w [B, 4, 4] (intrinsics [B, 4] optional)."""
+    def forward(self, c2w: Tensor, intrinsics: Tensor | None = None, with_depth: bool = False) -> Tensor | tuple[Tensor, Tensor | None]:
+        """Images rgb [B, 3, H, W] in [0, 1] for OpenGL cameras c2w [B, 4, 4] (intrinsics [B, 4] optional).
+        ``with_depth``: (rgb, distance along each pixel's ray [B, 1, H, W], or None without ``detail``)."""
         with torch.autocast(c2w.device.type, enabled=False):  # the phases of 2^5 x need fp32, not bf16 (ulp 0.25 at 32)
             x = self.encode(c2w, intrinsics)
-        x = self.act(self.blocks(self.stem(x)))
-        return torch.sigmoid(self.head(self.upsampler(x)))
+        x = self.upsampler(self.act(self.blocks(self.stem(x))))
+        depth = None
+        if self.spec.detail:
+            x, depth = self.detail(c2w, x, intrinsics)
+            x = self.act(x)
+        rgb = torch.sigmoid(self.head(x))
+        return (rgb, depth) if with_depth else rgb
 
     # ---- files --------------------------------------------------------------------------------------
     def save(self, folder: Path, extra: dict[str, Any] | None = None) -> None:
@@ -314,6 +380,7 @@ class NeLF(nn.Module):
             spec.setdefault("activation", "gelu")  # students saved before these options existed
             spec.setdefault("norm", "none")
             spec.setdefault("planes", 0)
+            spec.setdefault("detail", 0)
             model = cls(StudentSpec(**spec))
         except FileNotFoundError:
             raise StudentError(f"no trained student in {folder}", hint="run mg3d student WS first") from None
@@ -341,4 +408,6 @@ def macs_per_frame(spec: StudentSpec) -> int:
         scale *= 2
         total += p * (scale // 2) ** 2 * up + p * scale**2 * 9 * c_out * c_out
         c_in = c_out
+    if spec.detail:  # depth and fuse convolutions at every pixel (plane reads not counted)
+        total += p * scale**2 * (c_in + (c_in + 3 * spec.detail) * c_in)
     return int(total + p * scale**2 * 3 * c_in)

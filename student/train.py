@@ -54,7 +54,7 @@ def build_spec(meta: dict[str, Any], config: Any) -> StudentSpec:
         width_px=w, height_px=h, fx=meta["fx"] * sx, fy=meta["fy"] * sy, cx=meta["cx"] * sx, cy=meta["cy"] * sy,
         near=float(meta["near"]), far=float(meta["far"]), spacing="disparity" if unbounded else "linear",
         radius=1.0 if unbounded else float(meta["bound"]), samples=config.samples, frequencies=config.frequencies,
-        planes=config.planes, plane_resolution=config.plane_resolution,
+        planes=config.planes, plane_resolution=config.plane_resolution, detail=config.detail, detail_resolution=config.detail_resolution,
         depth=config.depth, width=config.width, sr_factor=config.sr_factor, upsample=config.upsample, activation=config.activation, norm=config.norm,
     )
 
@@ -89,6 +89,24 @@ def _as_target(images: Tensor, height: int, width: int) -> Tensor:
     if x.shape[-2:] != (height, width):
         x = F.interpolate(x, size=(height, width), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
     return x
+
+
+def _as_surface(surface: Tensor, height: int, width: int) -> Tensor:
+    """[B, H', W'] float16 surface distances -> [B, 1, height, width] float (nearest: no blend of near and far)."""
+    x = surface[:, None].float()
+    if x.shape[-2:] != (height, width):
+        x = F.interpolate(x, size=(height, width), mode="nearest")
+    return x
+
+
+def depth_loss(spec: StudentSpec, depth: Tensor, surface: Tensor) -> Tensor:
+    """Mean L1 distance, as a fraction of the sample range, between the detail branch's depth [B, 1, H, W] and
+    the teacher's surface [B, 1, H, W] over the pixels that have one (surface > 0); 0 when none has."""
+    from mg3d.student.model import fraction_at
+
+    valid = surface > 0
+    diff = (fraction_at(spec, depth.float()) - fraction_at(spec, surface.clamp(min=1e-3))).abs()
+    return torch.where(valid, diff, 0.0).sum() / valid.sum().clamp(min=1)
 
 
 def train_stage(workspace: Workspace, config: Any, out: Path, key: str, run_: Any, with_teacher: bool = True) -> dict[str, Any]:
@@ -163,8 +181,9 @@ def train(
     cuda = device.type == "cuda"
     if cuda and config.mixed_precision:
         model.to(memory_format=torch.channels_last)
-    planes = [p for name, p in model.named_parameters() if name == "planes"]
-    groups = [{"params": [p for name, p in model.named_parameters() if name != "planes"], "lr": config.lr, "base_lr": config.lr}]
+    tables = ("planes", "detail.planes")
+    planes = [p for name, p in model.named_parameters() if name in tables]
+    groups = [{"params": [p for name, p in model.named_parameters() if name not in tables], "lr": config.lr, "base_lr": config.lr}]
     if planes:  # the feature planes: a higher rate and no weight decay, like a hash table
         groups.append({"params": planes, "lr": config.plane_lr, "base_lr": config.plane_lr, "weight_decay": 0.0})
     optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.99), weight_decay=config.weight_decay)
@@ -185,6 +204,7 @@ def train(
 
     preload = data.nbytes < config.preload_gb * 1e9
     pseudo = torch.from_numpy(data.all_images()).to(device) if preload else None
+    surfaces = torch.from_numpy(data.all_surfaces()).to(device) if preload and spec.detail else None
     cameras = torch.from_numpy(data.cameras).to(device)
     if real is not None:
         real_images, real_c2w, real_intr = (torch.from_numpy(a).to(device) for a in real)
@@ -223,16 +243,23 @@ def train(
             c2w = cameras[idx.to(device)]
             target = _as_target(images, spec.height_px, spec.width_px)
             intr = None
+            if spec.detail:
+                surface = surfaces[idx.to(device)] if surfaces is not None else torch.from_numpy(data.surface(idx.numpy())).to(device)
+                surface = _as_surface(surface, spec.height_px, spec.width_px)
             if n_real:
                 ridx = torch.randint(len(real_images), (n_real,), generator=generator).to(device)
                 target = torch.cat([target, _as_target(real_images[ridx], spec.height_px, spec.width_px)])
                 c2w = torch.cat([c2w, real_c2w[ridx]])
                 intr = torch.cat([baked.expand(config.batch - n_real, 4), real_intr[ridx]])
+                if spec.detail:  # the photos have no depth: their pixels do not count in the depth loss
+                    surface = torch.cat([surface, surface.new_zeros((n_real, *surface.shape[1:]))])
             if cuda and config.mixed_precision:
                 target = target.contiguous(memory_format=torch.channels_last)
             with autocast:
-                pred = net(c2w, intr)
+                pred, depth = net(c2w, intr, with_depth=True) if spec.detail else (net(c2w, intr), None)
             loss = F.mse_loss(pred.float(), target)
+            if depth is not None and config.depth_weight > 0:
+                loss = loss + config.depth_weight * depth_loss(spec, depth, surface)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             for g in optimizer.param_groups:

@@ -109,6 +109,50 @@ def test_feature_planes_export_as_gathers_with_fp16_tables(tmp_path: Path) -> No
     assert -10 * np.log10(np.mean((low - got) ** 2)) > 40
 
 
+def test_surface_detail_exports_with_gathers_and_an_fp32_read_path(tmp_path: Path) -> None:
+    """A student with the per-pixel surface detail exports as one graph (Gather reads, no GridSample) that
+    matches torch in fp32; its fp16 variant keeps the point placement and the plane reads in fp32 (indices into
+    512-cell planes are not exact in fp16) and stores the planes in fp16."""
+    from mg3d.export import onnxmodel as ox
+    from mg3d.scene import look_at_rotation
+    from mg3d.student.model import NeLF, StudentSpec, fold_batchnorm
+
+    torch.manual_seed(0)
+    spec = StudentSpec(width_px=64, height_px=48, fx=70, fy=70, cx=32, cy=24, near=2, far=6, radius=1.5, depth=2, width=16, sr_factor=8, detail=4, detail_resolution=512)
+    model = NeLF(spec).eval()
+    torch.nn.init.normal_(model.detail.planes, std=0.5)
+    torch.nn.init.normal_(model.detail.depth.weight, std=0.5)  # a depth that varies across the image
+    graph = ox.export_fp32(fold_batchnorm(model), 17)
+    ops = [n.op_type for n in graph.graph.node]
+    assert "Gather" in ops and "GridSample" not in ops
+    keep = ox.detail_nodes(graph)
+    assert any(graph.graph.node[i].op_type == "Gather" for i, n in enumerate(graph.graph.node) if n.name in keep)
+    poses = np.tile(np.eye(4, dtype=np.float32), (3, 1, 1))
+    for pose, a in zip(poses, (0.2, 1.4, 2.9)):
+        pose[:3, 3] = [4 * np.cos(a), 4 * np.sin(a), 1.0]
+        pose[:3, :3] = look_at_rotation(-pose[:3, 3], np.array([0.0, 0.0, 1.0]))
+    with torch.no_grad():
+        expected = model(torch.from_numpy(poses)).numpy()
+    onnx.save(graph, str(tmp_path / "fp32.onnx"))
+    got = ox.render(ox.session(tmp_path / "fp32.onnx"), poses)
+    assert np.abs(got - expected).max() < 1e-4
+    half = ox.to_fp16(graph, ox.encoding_nodes(graph, spec.in_channels) + keep)  # (all in fp16: Gather indices out of bounds)
+    assert ox.half_tables(half) == 1
+    # no value between two kept nodes passes through fp16 (510 * 512, a plane index, would be inf there)
+    producers = {out: node for node in half.graph.node for out in node.output}
+    to = lambda node: next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "to"), None)  # noqa: E731
+    for node in half.graph.node:
+        if node.name in keep:
+            for name in node.input:
+                cast = producers.get(name)
+                if cast is not None and cast.op_type == "Cast" and to(cast) == onnx.TensorProto.FLOAT:
+                    first = producers.get(cast.input[0])
+                    assert first is None or first.op_type != "Cast" or to(first) != onnx.TensorProto.FLOAT16, (node.name, name)
+    onnx.save(half, str(tmp_path / "fp16.onnx"))
+    low = ox.render(ox.session(tmp_path / "fp16.onnx"), poses)
+    assert -10 * np.log10(np.mean((low - got) ** 2)) > 40
+
+
 def test_depth_to_space_rewrite_keeps_the_image() -> None:
     """PyTorch's pixel shuffle (CRD) becomes DCR, the order NNAPI takes, with the conv's channels permuted."""
     import io

@@ -41,6 +41,10 @@ def test_distill_writes_shards_of_teacher_views(distilled: Path, cli) -> None:
     rot = data.cameras[:, :3, :3].astype(np.float64)
     assert np.allclose(rot @ rot.transpose(0, 2, 1), np.eye(3), atol=1e-5) and np.allclose(np.linalg.det(rot), 1, atol=1e-5)
     assert (distilled / "distill" / "preview.png").is_file() and not list(distilled.glob(".distill.*"))
+    assert data.has_surfaces  # the teacher's distance to the surface per pixel (0 where it sees nothing)
+    surface = data.surface(np.array([0, 47])).astype(np.float32)
+    assert surface.shape == (2, 48, 64) and (surface > 0).mean() > 0.5
+    assert metrics["near"] * 0.8 < np.percentile(surface[surface > 0], 50) < metrics["far"] * 1.25
     again = cli("distill", distilled, "--preset", "tiny")
     assert again.exit_code == 0 and "up to date" in again.output
 
@@ -168,6 +172,92 @@ def test_feature_planes_read_bilinearly_and_learn() -> None:
     assert (half.float() - reference).abs().max() < 0.02  # fp16 indices would be off by up to 64 cells there
 
 
+def _textured_sphere(folder: Path, views: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pseudo data in the distill format of a sphere with a fine procedural texture (periods of 3-6 pixels)
+    seen from orbit cameras, with exact surface distances; returns the images [N, H, W, 3] in [0, 1] and cameras."""
+    from mg3d.scene import look_at_rotation
+
+    g = np.random.default_rng(seed)
+    fx = size / (2 * np.tan(np.radians(20)))
+    c2w = np.tile(np.eye(4, dtype=np.float32), (views, 1, 1))
+    v, u = np.meshgrid(np.arange(size) + 0.5, np.arange(size) + 0.5, indexing="ij")
+    cam = np.stack([(u - size / 2) / fx, -(v - size / 2) / fx, -np.ones_like(u)], -1)
+    cam /= np.linalg.norm(cam, axis=-1, keepdims=True)
+    images, surfaces = [], []
+    for i in range(views):
+        az, el = g.uniform(0, 2 * np.pi), g.uniform(-0.5, 1.0)
+        eye = 3.0 * np.array([np.cos(el) * np.cos(az), np.cos(el) * np.sin(az), np.sin(el)])
+        c2w[i, :3, :3], c2w[i, :3, 3] = look_at_rotation(-eye, np.array([0, 0, 1.0])), eye
+        d = cam @ c2w[i, :3, :3].T
+        b = d @ eye
+        disc = b * b - (eye @ eye - 0.8**2)
+        hit = disc > 0
+        t = np.where(hit, -b - np.sqrt(np.maximum(disc, 0)), 0.0)
+        x = eye + d * t[..., None]
+        tex = np.stack([0.5 + 0.5 * np.sin(23 * x[..., 0] + 3 * np.sin(17 * x[..., 1])), 0.5 + 0.5 * np.sin(19 * x[..., 1]) * np.sin(29 * x[..., 2]),
+                        0.5 + 0.4 * np.sign(np.sin(31 * x[..., 2] + 11 * x[..., 0]))], -1)
+        images.append(np.where(hit[..., None], tex, 1.0))
+        surfaces.append(t)
+    images = np.stack(images).astype(np.float32)
+    if folder is not None:
+        folder.mkdir(parents=True)
+        np.save(folder / "shard_0000.npy", (images * 255 + 0.5).astype(np.uint8))
+        np.save(folder / "surface_0000.npy", np.stack(surfaces).astype(np.float16))
+        np.save(folder / "cameras.npy", c2w)
+        meta = {"schema": 1, "count": views, "width": size, "height": size, "fx": fx, "fy": fx, "cx": size / 2, "cy": size / 2, "dtype": "uint8",
+                "shards": ["shard_0000.npy"], "surfaces": ["surface_0000.npy"], "kind": "orbit", "near": 2.0, "far": 4.0, "unbounded": False,
+                "bound": 1.0, "background": "white", "source": "teacher"}
+        (folder / "distill.json").write_text(json.dumps(meta))
+    return images, c2w
+
+
+def test_surface_detail_learns_texture_finer_than_the_ray_grid(tmp_path: Path) -> None:
+    """With x8 super-resolution the ray grid is 8x coarser than the image: a texture with periods of a few
+    pixels is out of reach of the plain student's blocks, while the surface detail (planes read where each
+    pixel's ray meets the surface, placed by the teacher's depth) learns it in the same number of steps."""
+    import torch
+
+    from mg3d.student import StudentConfig
+    from mg3d.student.distill import PseudoData
+    from mg3d.student.model import NeLF, StudentSpec
+    from mg3d.student.train import train
+
+    _textured_sphere(tmp_path / "data", 150, 64, seed=0)
+    data = PseudoData(tmp_path / "data")
+    test_images, test_c2w = _textured_sphere(None, 6, 64, seed=1)
+    scores = {}
+    for detail in (0, 4):
+        torch.manual_seed(0)
+        spec = StudentSpec(width_px=64, height_px=64, fx=data.meta["fx"], fy=data.meta["fx"], cx=32, cy=32, near=2.0, far=4.0, radius=1.0, depth=2, width=32,
+                           sr_factor=8, detail=detail, detail_resolution=128)
+        model = NeLF(spec)
+        config = StudentConfig(depth=2, width=32, detail=detail, steps=300, batch=8, lr=3e-3, warmup=20, finetune_fraction=0, checkpoint_every=10**6, device="cpu")
+        train(model, data, None, config, tmp_path / f"run{detail}", "key", torch.device("cpu"))
+        model.eval()
+        with torch.no_grad():
+            _, depth = model(torch.from_numpy(test_c2w), with_depth=True)
+            pred = model(torch.from_numpy(test_c2w)).permute(0, 2, 3, 1).numpy()
+        scores[detail] = -10 * np.log10(np.mean((pred - test_images) ** 2))
+        if detail:
+            assert depth.shape == (6, 1, 64, 64) and float(depth.min()) >= 2.0 and float(depth.max()) <= 4.0
+    assert scores[4] > scores[0] + 3, scores
+
+
+def test_depth_loss_counts_only_pixels_with_a_surface() -> None:
+    import torch
+
+    from mg3d.student.model import StudentSpec
+    from mg3d.student.train import depth_loss
+
+    spec = StudentSpec(width_px=16, height_px=16, fx=20, fy=20, cx=8, cy=8, near=2, far=6, sr_factor=8)
+    depth = torch.full((1, 1, 2, 2), 4.0)
+    surface = torch.tensor([[[[5.0, 0.0], [0.0, 0.0]]]])  # one pixel with a surface 1 unit (1/4 of the range) behind
+    assert float(depth_loss(spec, depth, surface)) == pytest.approx(0.25)
+    assert float(depth_loss(spec, depth, torch.zeros_like(surface))) == 0.0
+    unbounded = StudentSpec(width_px=16, height_px=16, fx=20, fy=20, cx=8, cy=8, near=0.5, far=100, spacing="disparity", sr_factor=8)
+    assert float(depth_loss(unbounded, torch.full((1, 1, 1, 1), 1.0), torch.full((1, 1, 1, 1), 1.0))) < 1e-6
+
+
 def test_batchnorm_folds_into_the_convolutions() -> None:
     import torch
 
@@ -216,6 +306,17 @@ def test_bad_resolution_lists_sizes_that_work(ws: Path, cli) -> None:
     assert "68x48" in line
     assert not (ws / "student").exists() and not list(ws.glob(".student.*"))
     assert one_line_error(cli("student", ws, *SHORT, "--resolution", "big"), "not understood")
+
+
+def test_detail_on_pseudo_data_without_surfaces_says_to_redo_distill(ws: Path, cli) -> None:
+    meta_path = ws / "distill" / "distill.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["surfaces"]  # as pseudo data made before the surfaces were stored
+    meta_path.write_text(json.dumps(meta))
+    result = cli("student", ws, *SHORT, "--detail", "2")
+    assert result.exit_code == 1
+    one_line_error(result, "no surface distances", "mg3d distill", "--force")
+    assert not (ws / "student").exists() and not list(ws.glob(".student.*"))
 
 
 def test_stage_order_is_enforced(tiny_demo_capture: Path, tmp_path: Path, cli) -> None:

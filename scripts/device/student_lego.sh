@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# GPU benchmark of the student on lego-400 in one call of the device tool (10-minute limit per command):
+# teacher -> pseudo views -> one student per variant -> PSNR/SSIM on the 200 test views -> render speed of
+# student vs teacher. Results (JSON per phase, side-by-side PNGs, the log) go to $OUT as one tarball.
+#
+#   bash scripts/device/student_lego.sh TEACHER_S VIEWS STUDENT_S "tag:--set k=v --set k=v" ["tag2:..."]
+#
+# Needs the lego-400 data at .gpudata/lego-400 (copy ../shared/data/lego-400 there; .gpudata is in
+# .git/info/exclude and travels with carry=[".gpudata"]). The machine's python3 has torch, onnx, numpy,
+# PIL, rich, yaml and safetensors; mg3d is installed from this checkout without its dependencies.
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+teacher_s=$1 views=$2 student_s=$3
+shift 3
+out=${OUT:-/tmp/out}/r
+mkdir -p "$out"
+python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$out/install.log" 2>&1 || { cat "$out/install.log"; exit 1; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+ws=/tmp/mg3d-lego
+rm -rf "$ws"
+finish() { tar -czf "${OUT:-/tmp/out}/results.tgz" -C "$out" . ; }
+trap finish EXIT
+# BENCH_ARGS: extra options for every call (a CPU dry run: --preset tiny --teacher-set eval_views=2)
+# shellcheck disable=SC2086
+python3 scripts/bench_student.py "$ws" --dataset .gpudata/lego-400 --phases teacher,distill --teacher-time "$teacher_s" --views "$views" --out "$out" ${BENCH_ARGS:-} 2>&1 | grep -v "━" | tee -a "$out/log.txt"
+for variant in "$@"; do  # "tag:args" trains and evaluates; "tag+speed:args" also times student vs teacher
+  tag=${variant%%:*}
+  args=${variant#*:}
+  phases=student
+  case $tag in *+speed) tag=${tag%+speed} phases=student,speed ;; esac
+  # shellcheck disable=SC2086  # args holds several --set options
+  python3 scripts/bench_student.py "$ws" --phases "$phases" --tag "$tag" --student-time "$student_s" --repeats 20 $args --out "$out" ${BENCH_ARGS:-} 2>&1 | grep -v "━" | tee -a "$out/log.txt"
+done
+# the last variant's student and the teacher, in fp16, cut into parts under the 16 MiB a returned file may
+# have (join with cat): CPU export and speed checks on the developer's machine
+python3 - "$ws" "${OUT:-/tmp/out}" "${tag:-}" <<'PY'
+import sys
+from pathlib import Path
+from safetensors.torch import load_file, save_file
+ws, out, tag = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+for folder, name in ((ws / f"student_{tag}", "student"), (ws / "teacher", "teacher")):
+    if (folder / f"{name}.safetensors").is_file():
+        tensors = {k: (v.half() if v.is_floating_point() else v) for k, v in load_file(folder / f"{name}.safetensors").items()}
+        save_file(tensors, out / f"{name}.fp16.safetensors")
+        (out / f"{name}.json").write_text((folder / f"{name}.json").read_text())
+PY
+for f in "${OUT:-/tmp/out}"/*.fp16.safetensors; do
+  [ -f "$f" ] && [ "$(stat -c %s "$f")" -gt 15000000 ] && split -b 15000000 -d "$f" "$f.part" && rm "$f"
+done
+ls -la "${OUT:-/tmp/out}"
