@@ -272,6 +272,18 @@ def test_missing_coremltools_names_the_extra(student_ws: Path, cli, monkeypatch:
     assert not (student_ws / "export").exists()
 
 
+def test_ios_export_of_a_surface_detail_student_is_refused(student_ws: Path, cli) -> None:
+    """Core ML's fp16 conversion would compute the detail planes' indices in fp16: refused, nothing written."""
+    meta_path = student_ws / "student" / "student.json"
+    meta = json.loads(meta_path.read_text())
+    meta["spec"]["detail"] = 2
+    meta_path.write_text(json.dumps(meta))
+    result = cli("export", student_ws, "--target", "ios")
+    assert result.exit_code == 1
+    one_line_error(result, "surface detail", "--target onnx, android or web")
+    assert not (student_ws / "export").exists() and not list(student_ws.glob(".export.*"))
+
+
 def test_failed_verification_is_not_marked_done_and_says_by_how_much(exported: tuple[Path, str], tmp_path: Path, cli) -> None:
     ws = Path(shutil.copytree(exported[0], tmp_path / "ws"))
     before = (ws / "export" / "manifest.json").read_bytes()
