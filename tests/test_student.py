@@ -172,45 +172,6 @@ def test_feature_planes_read_bilinearly_and_learn() -> None:
     assert (half.float() - reference).abs().max() < 0.02  # fp16 indices would be off by up to 64 cells there
 
 
-def _textured_sphere(folder: Path, views: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Pseudo data in the distill format of a sphere with a fine procedural texture (periods of 3-6 pixels)
-    seen from orbit cameras, with exact surface distances; returns the images [N, H, W, 3] in [0, 1] and cameras."""
-    from mg3d.scene import look_at_rotation
-
-    g = np.random.default_rng(seed)
-    fx = size / (2 * np.tan(np.radians(20)))
-    c2w = np.tile(np.eye(4, dtype=np.float32), (views, 1, 1))
-    v, u = np.meshgrid(np.arange(size) + 0.5, np.arange(size) + 0.5, indexing="ij")
-    cam = np.stack([(u - size / 2) / fx, -(v - size / 2) / fx, -np.ones_like(u)], -1)
-    cam /= np.linalg.norm(cam, axis=-1, keepdims=True)
-    images, surfaces = [], []
-    for i in range(views):
-        az, el = g.uniform(0, 2 * np.pi), g.uniform(-0.5, 1.0)
-        eye = 3.0 * np.array([np.cos(el) * np.cos(az), np.cos(el) * np.sin(az), np.sin(el)])
-        c2w[i, :3, :3], c2w[i, :3, 3] = look_at_rotation(-eye, np.array([0, 0, 1.0])), eye
-        d = cam @ c2w[i, :3, :3].T
-        b = d @ eye
-        disc = b * b - (eye @ eye - 0.8**2)
-        hit = disc > 0
-        t = np.where(hit, -b - np.sqrt(np.maximum(disc, 0)), 0.0)
-        x = eye + d * t[..., None]
-        tex = np.stack([0.5 + 0.5 * np.sin(23 * x[..., 0] + 3 * np.sin(17 * x[..., 1])), 0.5 + 0.5 * np.sin(19 * x[..., 1]) * np.sin(29 * x[..., 2]),
-                        0.5 + 0.4 * np.sign(np.sin(31 * x[..., 2] + 11 * x[..., 0]))], -1)
-        images.append(np.where(hit[..., None], tex, 1.0))
-        surfaces.append(t)
-    images = np.stack(images).astype(np.float32)
-    if folder is not None:
-        folder.mkdir(parents=True)
-        np.save(folder / "shard_0000.npy", (images * 255 + 0.5).astype(np.uint8))
-        np.save(folder / "surface_0000.npy", np.stack(surfaces).astype(np.float16))
-        np.save(folder / "cameras.npy", c2w)
-        meta = {"schema": 1, "count": views, "width": size, "height": size, "fx": fx, "fy": fx, "cx": size / 2, "cy": size / 2, "dtype": "uint8",
-                "shards": ["shard_0000.npy"], "surfaces": ["surface_0000.npy"], "kind": "orbit", "near": 2.0, "far": 4.0, "unbounded": False,
-                "bound": 1.0, "background": "white", "source": "teacher"}
-        (folder / "distill.json").write_text(json.dumps(meta))
-    return images, c2w
-
-
 def test_surface_detail_learns_texture_finer_than_the_ray_grid(tmp_path: Path) -> None:
     """With x8 super-resolution the ray grid is 8x coarser than the image: a texture with periods of a few
     pixels is out of reach of the plain student's blocks, while the surface detail (planes read where each
@@ -220,11 +181,12 @@ def test_surface_detail_learns_texture_finer_than_the_ray_grid(tmp_path: Path) -
     from mg3d.student import StudentConfig
     from mg3d.student.distill import PseudoData
     from mg3d.student.model import NeLF, StudentSpec
+    from mg3d.student.synthetic import textured_spheres
     from mg3d.student.train import train
 
-    _textured_sphere(tmp_path / "data", 150, 64, seed=0)
+    textured_spheres(tmp_path / "data", 150, 64, seed=0)
     data = PseudoData(tmp_path / "data")
-    test_images, test_c2w = _textured_sphere(None, 6, 64, seed=1)
+    test_images, test_c2w = textured_spheres(None, 6, 64, seed=1)
     scores = {}
     for detail in (0, 4):
         torch.manual_seed(0)
