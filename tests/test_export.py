@@ -77,11 +77,35 @@ def test_onnx_export_is_one_verified_file_per_precision(exported: tuple[Path, st
     assert "model.int8.onnx" in output and "exported models" in output
 
 
+def _ring_poses() -> np.ndarray:
+    """Three cameras [3, 4, 4] on a ring of radius 4 around the origin, looking at it."""
+    from mg3d.scene import look_at_rotation
+
+    poses = np.tile(np.eye(4, dtype=np.float32), (3, 1, 1))
+    for pose, a in zip(poses, (0.2, 1.4, 2.9)):
+        pose[:3, 3] = [4 * np.cos(a), 4 * np.sin(a), 1.0]
+        pose[:3, :3] = look_at_rotation(-pose[:3, 3], np.array([0.0, 0.0, 1.0]))
+    return poses
+
+
+def _matches_torch(model: torch.nn.Module, graph: "onnx.ModelProto", path: Path) -> np.ndarray:
+    """Save ``graph`` to ``path``, render the ring poses with onnxruntime, assert they match ``model`` within
+    1e-4 and return them."""
+    from mg3d.export import onnxmodel as ox
+
+    poses = _ring_poses()
+    with torch.no_grad():
+        expected = model(torch.from_numpy(poses)).numpy()
+    onnx.save(graph, str(path))
+    got = ox.render(ox.session(path), poses)
+    assert np.abs(got - expected).max() < 1e-4
+    return got
+
+
 def test_feature_planes_export_as_gathers_with_fp16_tables(tmp_path: Path) -> None:
     """A student with feature planes exports with Gather (no GridSample, which mobile delegates lack),
     matches torch in fp32, and its fp16 variant stores the planes in fp16 (half the bytes) and stays close."""
     from mg3d.export import onnxmodel as ox
-    from mg3d.scene import look_at_rotation
     from mg3d.student.model import NeLF, StudentSpec, fold_batchnorm
 
     torch.manual_seed(0)
@@ -91,21 +115,13 @@ def test_feature_planes_export_as_gathers_with_fp16_tables(tmp_path: Path) -> No
     graph = ox.export_fp32(fold_batchnorm(model), 17)
     ops = [n.op_type for n in graph.graph.node]
     assert "Gather" in ops and "GridSample" not in ops
-    poses = np.tile(np.eye(4, dtype=np.float32), (3, 1, 1))
-    for pose, a in zip(poses, (0.2, 1.4, 2.9)):
-        pose[:3, 3] = [4 * np.cos(a), 4 * np.sin(a), 1.0]
-        pose[:3, :3] = look_at_rotation(-pose[:3, 3], np.array([0.0, 0.0, 1.0]))
-    with torch.no_grad():
-        expected = model(torch.from_numpy(poses)).numpy()
-    onnx.save(graph, str(tmp_path / "fp32.onnx"))
-    got = ox.render(ox.session(tmp_path / "fp32.onnx"), poses)
-    assert np.abs(got - expected).max() < 1e-4
+    got = _matches_torch(model, graph, tmp_path / "fp32.onnx")
     half = ox.to_fp16(graph, ox.encoding_nodes(graph, spec.in_channels))
     assert ox.half_tables(half) == 1
     tables = [t for t in half.graph.initializer if t.name.endswith("_fp16")]
     assert len(tables) == 1 and tables[0].data_type == onnx.TensorProto.FLOAT16 and list(tables[0].dims) == [3 * 128 * 128, 4]
     onnx.save(half, str(tmp_path / "fp16.onnx"))
-    low = ox.render(ox.session(tmp_path / "fp16.onnx"), poses)
+    low = ox.render(ox.session(tmp_path / "fp16.onnx"), _ring_poses())
     assert -10 * np.log10(np.mean((low - got) ** 2)) > 40
 
 
@@ -114,7 +130,6 @@ def test_surface_detail_exports_with_gathers_and_an_fp32_read_path(tmp_path: Pat
     matches torch in fp32; its fp16 variant keeps the point placement and the plane reads in fp32 (indices into
     512-cell planes are not exact in fp16) and stores the planes in fp16."""
     from mg3d.export import onnxmodel as ox
-    from mg3d.scene import look_at_rotation
     from mg3d.student.model import NeLF, StudentSpec, fold_batchnorm
 
     torch.manual_seed(0)
@@ -127,15 +142,7 @@ def test_surface_detail_exports_with_gathers_and_an_fp32_read_path(tmp_path: Pat
     assert "Gather" in ops and "GridSample" not in ops
     keep = ox.detail_nodes(graph)
     assert any(graph.graph.node[i].op_type == "Gather" for i, n in enumerate(graph.graph.node) if n.name in keep)
-    poses = np.tile(np.eye(4, dtype=np.float32), (3, 1, 1))
-    for pose, a in zip(poses, (0.2, 1.4, 2.9)):
-        pose[:3, 3] = [4 * np.cos(a), 4 * np.sin(a), 1.0]
-        pose[:3, :3] = look_at_rotation(-pose[:3, 3], np.array([0.0, 0.0, 1.0]))
-    with torch.no_grad():
-        expected = model(torch.from_numpy(poses)).numpy()
-    onnx.save(graph, str(tmp_path / "fp32.onnx"))
-    got = ox.render(ox.session(tmp_path / "fp32.onnx"), poses)
-    assert np.abs(got - expected).max() < 1e-4
+    got = _matches_torch(model, graph, tmp_path / "fp32.onnx")
     half = ox.to_fp16(graph, ox.encoding_nodes(graph, spec.in_channels) + keep)  # (all in fp16: Gather indices out of bounds)
     assert ox.half_tables(half) == 1
     # no value between two kept nodes passes through fp16 (510 * 512, a plane index, would be inf there)
@@ -149,7 +156,7 @@ def test_surface_detail_exports_with_gathers_and_an_fp32_read_path(tmp_path: Pat
                     first = producers.get(cast.input[0])
                     assert first is None or first.op_type != "Cast" or to(first) != onnx.TensorProto.FLOAT16, (node.name, name)
     onnx.save(half, str(tmp_path / "fp16.onnx"))
-    low = ox.render(ox.session(tmp_path / "fp16.onnx"), poses)
+    low = ox.render(ox.session(tmp_path / "fp16.onnx"), _ring_poses())
     assert -10 * np.log10(np.mean((low - got) ** 2)) > 40
 
 
