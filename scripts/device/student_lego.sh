@@ -6,7 +6,7 @@
 #   bash scripts/device/student_lego.sh TEACHER_S VIEWS STUDENT_S "tag:--set k=v --set k=v" ["tag2:..."]
 #
 # Needs the lego-400 data at .gpudata/lego-400 (copy ../shared/data/lego-400 there; .gpudata is in
-# .git/info/exclude and travels with carry=[".gpudata"]). The machine's python3 has torch, onnx, numpy,
+# .gitignore and travels with carry=[".gpudata"]). The machine's python3 has torch, onnx, numpy,
 # PIL, rich, yaml and safetensors; mg3d is installed from this checkout without its dependencies.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
