@@ -210,6 +210,7 @@ def test_edit_fills_only_cells_near_the_teachers_unless_told(ws: Path, monkeypat
     x = cells // (r * r)
     teacher.grid.mask &= x < r // 2  # the teacher's far half of the grid is free space
     teacher.save(ws / "teacher")
+    occupied_teacher = float(teacher.grid.mask.float().mean())  # about 0.5: the near half, where the tiny teacher sees something
     free = x >= r // 2
     occupied = {}
     for grow in (-1, 0, 2):
@@ -220,7 +221,7 @@ def test_edit_fills_only_cells_near_the_teachers_unless_told(ws: Path, monkeypat
         m = read_manifest(ws, f"edit/{name}")["metrics"]
         mask = Teacher.load(ws / "edit" / name).grid.mask
         assert m["grid_occupied_edited"] == pytest.approx(float(mask.float().mean()), abs=1e-4)
-        assert m["grid_occupied_teacher"] == pytest.approx(0.5, abs=1e-4)
+        assert m["grid_occupied_teacher"] == pytest.approx(occupied_teacher, abs=1e-4) and 0.4 < occupied_teacher <= 0.5
         occupied[grow] = mask
     assert int((occupied[-1] & free).sum()) > 0.5 * int(free.sum())  # free: the dense field fills the free half again
     assert not (occupied[0] & free).any()  # kept to the teacher's cells
