@@ -261,6 +261,10 @@ class PseudoData:
     def nbytes(self) -> int:
         return int(sum(s.nbytes for s in self.shards))
 
+    @property
+    def surface_nbytes(self) -> int:
+        return int(sum(s.nbytes for s in self.surfaces))
+
     def images(self, indices: np.ndarray) -> np.ndarray:
         """Images [len(indices), H, W, 3] of the given views."""
         shard = np.searchsorted(self.offsets, indices, side="right") - 1
