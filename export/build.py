@@ -145,7 +145,7 @@ def export_target(workspace: Workspace, config: Any, out: Path) -> dict[str, Any
     manifest = {"target": target, "mg3d": __version__, "files": {str(p.relative_to(out)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files}}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return {"eval_views": len(views.test), "max_abs_error_fp32": error, "psnr_torch": summary["psnr_torch"],
-            "variants": [{k: v.get(k) for k in ("file", "format", "precision", "mb", "psnr", "psnr_vs_fp32", "psnr_loss_db")} for v in variants]}
+            "variants": [{k: v[k] for k in ("file", "format", "precision", "mb", "psnr", "psnr_vs_fp32", "psnr_loss_db", "resolution", "psnr_vs_full_downsampled") if k in v} for v in variants]}
 
 
 def _half_resolution(student: Any, views: _Views, config: Any, out: Path, fp32_test: np.ndarray) -> list[dict[str, Any]]:

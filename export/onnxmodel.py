@@ -158,7 +158,45 @@ def to_fp16(graph: "onnx.ModelProto", keep_fp32: list[str]) -> "onnx.ModelProto"
     with quiet():
         half = convert_float_to_float16(graph, keep_io_types=True, node_block_list=keep_fp32)
     drop_cast_round_trips(half)
+    drop_duplicate_nodes(half)
     return half
+
+
+def drop_duplicate_nodes(graph: "onnx.ModelProto") -> int:
+    """Remove nodes that repeat an earlier node's outputs with the same op, inputs and attributes, in place;
+    then give every node its own name. Returns how many nodes were removed.
+
+    onnxruntime 1.30's fp16 converter (on the GPU machine) adds the Cast after a constant once for each
+    kept-fp32 node that reads it, each time with the same name and output, and onnxruntime then refuses the
+    model ("Duplicate definition of name"). The copies compute the same value, so one is enough.
+    """
+    def body(node: "onnx.NodeProto") -> bytes:
+        copy = type(node)()
+        copy.CopyFrom(node)
+        copy.name = ""
+        return copy.SerializeToString()
+
+    first: dict[str, bytes] = {}
+    removed = 0
+    for node in list(graph.graph.node):
+        repeats = [first.get(out) for out in node.output]
+        if node.output and all(r is not None for r in repeats):
+            if any(r != body(node) for r in repeats):
+                raise ValueError(f"two different nodes write {node.output[0]}")
+            graph.graph.node.remove(node)
+            removed += 1
+            continue
+        for out in node.output:
+            first[out] = body(node)
+    seen: set[str] = set()
+    for node in graph.graph.node:
+        if node.name and node.name in seen:
+            n = 1
+            while f"{node.name}_{n}" in seen:
+                n += 1
+            node.name = f"{node.name}_{n}"
+        seen.add(node.name)
+    return removed
 
 
 def drop_cast_round_trips(graph: "onnx.ModelProto") -> int:

@@ -120,11 +120,15 @@ def write_report(ws: Workspace) -> Path:
     for name, m in manifests.items():
         stage = name.split("/")[0]
         timing = build.get("stages", {}).get(stage) if stage != "edit" or name == f"edit/{ws.active_edit()}" else None
-        took = "up to date" if timing and timing["skipped"] else timing["seconds"] if timing else m.get("metrics", {}).get("duration_s")
-        rows.append([name, took, key_figure(ws, stage) if timing or stage != "edit" else "", m.get("device", {}).get("kind", "")])
-    parts.append("<h2>Stages</h2>" + _table(["stage", "seconds (last build)", "key figure", "device"], rows))
-    if build.get("total_s"):
-        parts.append(f"<p>last build: {build['total_s']:.0f} s in total, finished {html.escape(build.get('finished', ''))}</p>")
+        status = ("up to date" if timing["skipped"] else "done") if timing else ""
+        # the stage's own time, from its manifest: a stage the last build found up to date took it earlier
+        took = m.get("metrics", {}).get("duration_s", timing["seconds"] if timing and not timing["skipped"] else None)
+        rows.append([name, took, status, key_figure(ws, stage) if timing or stage != "edit" else "", m.get("device", {}).get("kind", "")])
+    parts.append("<h2>Stages</h2>" + _table(["stage", "seconds", "last build", "key figure", "device"], rows))
+    counted = [r[1] for r in rows if isinstance(r[1], (int, float)) and (r[2] or not r[0].startswith("edit/"))]
+    if counted:
+        parts.append(f"<p>stage times add up to {sum(counted):.0f} s ({sum(counted) / 60:.1f} min)"
+                     + (f"; the last build ran {build['total_s']:.0f} s and finished {html.escape(build.get('finished', ''))}" if build.get("total_s") else "") + "</p>")
 
     # input frames
     capture = ws.stage_dir("capture")
@@ -166,9 +170,11 @@ def write_report(ws: Workspace) -> Path:
         meta_path = ws.stage_dir("export") / target / "model.json"
         if meta_path.is_file():
             for v in json.loads(meta_path.read_text()).get("variants", []):
-                rows.append([target, v.get("file"), v.get("precision"), v.get("mb"), v.get("psnr"), v.get("psnr_loss_db")])
+                note = (f"{v['resolution'][0]}x{v['resolution'][1]} px; {v['psnr_vs_full_downsampled']} dB vs the full-size model downsampled"
+                        if "psnr_vs_full_downsampled" in v else "")
+                rows.append([target, v.get("file"), v.get("precision"), v.get("mb"), v.get("psnr"), v.get("psnr_loss_db"), note])
     if rows:
-        parts.append("<h2>Exports</h2>" + _table(["target", "file", "precision", "MB", "PSNR (dB)", "loss vs fp32 (dB)"], rows))
+        parts.append("<h2>Exports</h2>" + _table(["target", "file", "precision", "MB", "PSNR (dB)", "loss vs fp32 (dB)", "note"], rows))
 
     # devices
     bench = ws.stage_dir("bench")

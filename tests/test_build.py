@@ -49,6 +49,9 @@ def test_build_resumes_after_ctrl_c_and_writes_every_artifact(tiny_demo_teacher:
     page = (ws / "report.html").read_text()
     for needle in ("recolour the scene", "builtin:color", "Stages", "Edit:", "turntable.gif", "Exports", "model.int8.onnx", "Devices", "host", "Versions", "torch"):
         assert needle in page, needle
+    # stages the rerun found up to date still show the time they took when they ran
+    assert page.count("up to date") == 4 and "stage times add up to" in page
+    assert f'<td class="num">{read_manifest(ws, "teacher")["metrics"]["duration_s"]:.4g}</td><td>up to date</td>' in page
     assert (ws / "report" / "turntable.gif").is_file()
     for src in __import__("re").findall(r'src="([^"]+)"', page):
         assert (ws / src).is_file(), src  # every picture the page shows is there

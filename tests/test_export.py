@@ -178,6 +178,30 @@ def test_depth_to_space_rewrite_keeps_the_image() -> None:
     np.testing.assert_allclose(got, net(x).detach().numpy(), atol=1e-5)
 
 
+def test_repeated_nodes_from_the_fp16_converter_are_dropped() -> None:
+    """onnxruntime 1.30's converter writes the Cast after a constant once per kept node that reads it, with one
+    name and one output; onnxruntime then refuses the model. One copy stays and the model runs."""
+    from onnx import TensorProto, helper
+
+    from mg3d.export.onnxmodel import drop_duplicate_nodes
+
+    constant = helper.make_node("Constant", [], ["k"], value=helper.make_tensor("v", TensorProto.FLOAT16, [1], [2.0]))
+    casts = [helper.make_node("Cast", ["k"], ["k32"], name="k_cast_to_fp32", to=TensorProto.FLOAT) for _ in range(2)]
+    uses = [helper.make_node("Mul", ["x", "k32"], ["a"], name="m"), helper.make_node("Add", ["a", "k32"], ["y"], name="m")]
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1]) for n in ("x", "y")]
+    model = helper.make_model(helper.make_graph([constant, *casts, *uses], "g", io[:1], io[1:]))
+    with pytest.raises(Exception, match="Duplicate definition|same node name"):
+        ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert drop_duplicate_nodes(model) == 1
+    assert len({n.name for n in model.graph.node}) == len(model.graph.node) == 4  # the two "m" got names of their own
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": np.ones(1, np.float32)})[0]
+    assert got.tolist() == [4.0]
+    # two different nodes writing one tensor is not something to paper over
+    clash = helper.make_model(helper.make_graph([constant, casts[0], helper.make_node("Cast", ["k"], ["k32"], to=TensorProto.DOUBLE)], "g", [], []))
+    with pytest.raises(ValueError, match="two different nodes write k32"):
+        drop_duplicate_nodes(clash)
+
+
 def test_android_export_has_ort_files_and_delegate_coverage(student_ws: Path, cli) -> None:
     result = cli("export", student_ws, "--target", "android")
     assert result.exit_code == 0, result.output

@@ -6,23 +6,30 @@
 #
 #   bash scripts/device/build_bg.sh start 560 SOURCE [mg3d build options ...]
 #   bash scripts/device/build_bg.sh wait 560
+#   bash scripts/device/build_bg.sh resume 560 SOURCE [options]   # same, in the workspace a stopped build left
 #
-# Carry .gpudata (SOURCE there, e.g. .gpudata/woman: `mg3d capture ../shared/data/woman-512/woman-512.mp4
-# --out .gpudata/woman --frames 70` made on the developer's machine) and .whl (diffusers and
-# importlib_metadata wheels for Python 3.12, for the edit: the machine has transformers but not diffusers).
+# Carry .gpudata (SOURCE there: the video, e.g. .gpudata/woman-512.mp4, or a captured workspace) and .whl:
+# the Python 3.12 packages the machine lacks (it has torch, transformers, onnx, onnxruntime), as wheels or,
+# when the wheels exceed the 64 MiB carry limit, as one .whl/site.tar.xz of a `pip install --target site`:
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 -d /tmp/w diffusers importlib_metadata pycolmap av
+#   pip install --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --target /tmp/site /tmp/w/*.whl && tar -cJf .whl/site.tar.xz -C /tmp site
 set -uo pipefail
 mode=$1 seconds=$2
 shift 2
 out=${OUT:-/tmp/out}
 ws=/tmp/mg3d-build
-if [ "$mode" = start ]; then
+if [ "$mode" = start ] || [ "$mode" = resume ]; then
   if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   fi
+  if [ -f .whl/site.tar.xz ]; then tar -xJf .whl/site.tar.xz -C /tmp || exit 1; fi
   python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >/tmp/install.log 2>&1 || { cat /tmp/install.log; exit 1; }
   source=$1
   shift
-  rm -rf "$ws" /tmp/build.log
+  if [ "$mode" = start ]; then rm -rf "$ws"; fi
+  rm -f /tmp/build.log
   PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 setsid nohup python3 -m mg3d build "$source" --out "$ws" "$@" >/tmp/build.log 2>&1 < /dev/null &
   echo $! >/tmp/build.pid
 fi
