@@ -5,6 +5,7 @@ code, scored on held-out views against the truth and against the bound of a perf
     python scripts/bench_detail_proxy.py --detail 0 --seconds 150            # the plain x8 student
     python scripts/bench_detail_proxy.py --detail 4 --seconds 150            # + surface detail
     python scripts/bench_detail_proxy.py --detail 4 --scene five --depth-weight 1.0
+    python scripts/bench_detail_proxy.py --detail 4 --scene five --detail-layers 2   # near and far surface
 
 Prints one JSON line (test PSNR, bicubic bound, steps, images/s).
 """
@@ -23,11 +24,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--detail", type=int, default=0)
     parser.add_argument("--detail-resolution", type=int, default=256)
+    parser.add_argument("--detail-layers", type=int, default=1)
     parser.add_argument("--depth-weight", type=float, default=0.1)
     parser.add_argument("--scene", choices=["one", "five"], default="one")
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--views", type=int, default=600)
     parser.add_argument("--seconds", type=float, default=150)
+    parser.add_argument("--steps", type=int, default=0, help="stop after this many steps instead (0: only the time limit)")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--threads", type=int, default=1)
     opts = parser.parse_args()
@@ -49,10 +52,10 @@ def main() -> None:
         data = PseudoData(folder)
         fx, half = data.meta["fx"], opts.size / 2
         spec = StudentSpec(width_px=opts.size, height_px=opts.size, fx=fx, fy=fx, cx=half, cy=half, near=NEAR, far=FAR, radius=1.0, depth=4, width=64,
-                           sr_factor=8, detail=opts.detail, detail_resolution=opts.detail_resolution)
+                           sr_factor=8, detail=opts.detail, detail_resolution=opts.detail_resolution, detail_layers=opts.detail_layers)
         torch.manual_seed(0)
         model = NeLF(spec)
-        config = StudentConfig(depth=4, width=64, detail=opts.detail, steps=10**7, max_time_s=opts.seconds, batch=8, lr=opts.lr, warmup=50,
+        config = StudentConfig(depth=4, width=64, detail=opts.detail, detail_layers=opts.detail_layers, steps=opts.steps or 10**7, max_time_s=0 if opts.steps else opts.seconds, batch=8, lr=opts.lr, warmup=50,
                                finetune_fraction=0, checkpoint_every=10**7, device="cpu", depth_weight=opts.depth_weight)
         metrics = train(model, data, None, config, Path(tmp) / "run", "proxy", torch.device("cpu"))
     truth, c2w = textured_spheres(None, 16, opts.size, seed=1, spheres=spheres)
@@ -66,7 +69,7 @@ def main() -> None:
         return np.asarray(low).astype(np.float32) / 255
 
     psnr = lambda a, b: float(np.mean([-10 * np.log10(np.mean((x - y) ** 2)) for x, y in zip(a, b)]))  # noqa: E731
-    print(json.dumps({"scene": opts.scene, "detail": opts.detail, "detail_resolution": opts.detail_resolution, "depth_weight": opts.depth_weight,
+    print(json.dumps({"scene": opts.scene, "detail": opts.detail, "detail_resolution": opts.detail_resolution, "detail_layers": opts.detail_layers, "depth_weight": opts.depth_weight,
                       "steps": metrics["steps"], "images_per_s": metrics["images_per_s"], "test_psnr": round(psnr(pred, truth), 2),
                       "bicubic_bound": round(psnr([bound(t) for t in truth], truth), 2)}))
 
