@@ -5,9 +5,10 @@ code, scored on held-out views against the truth and against the bound of a perf
     python scripts/bench_detail_proxy.py --detail 0 --seconds 150            # the plain x8 student
     python scripts/bench_detail_proxy.py --detail 4 --seconds 150            # + surface detail
     python scripts/bench_detail_proxy.py --detail 4 --scene five --depth-weight 1.0
-    python scripts/bench_detail_proxy.py --detail 4 --scene five --detail-layers 2   # near and far surface
 
-Prints one JSON line (test PSNR, bicubic bound, steps, images/s).
+Prints one JSON line: test PSNR, the bicubic bound, steps, images/s, the share of the squared error within
+2 px of a depth edge, and for detail students the depth error and the PSNR when the planes are read at the
+true depth instead of the predicted one (how much of the loss is the depth's).
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--detail", type=int, default=0)
     parser.add_argument("--detail-resolution", type=int, default=256)
-    parser.add_argument("--detail-layers", type=int, default=1)
     parser.add_argument("--depth-weight", type=float, default=0.1)
     parser.add_argument("--scene", choices=["one", "five"], default="one")
     parser.add_argument("--size", type=int, default=128)
@@ -52,16 +52,33 @@ def main() -> None:
         data = PseudoData(folder)
         fx, half = data.meta["fx"], opts.size / 2
         spec = StudentSpec(width_px=opts.size, height_px=opts.size, fx=fx, fy=fx, cx=half, cy=half, near=NEAR, far=FAR, radius=1.0, depth=4, width=64,
-                           sr_factor=8, detail=opts.detail, detail_resolution=opts.detail_resolution, detail_layers=opts.detail_layers)
+                           sr_factor=8, detail=opts.detail, detail_resolution=opts.detail_resolution)
         torch.manual_seed(0)
         model = NeLF(spec)
-        config = StudentConfig(depth=4, width=64, detail=opts.detail, detail_layers=opts.detail_layers, steps=opts.steps or 10**7, max_time_s=0 if opts.steps else opts.seconds, batch=8, lr=opts.lr, warmup=50,
+        config = StudentConfig(depth=4, width=64, detail=opts.detail, steps=opts.steps or 10**7, max_time_s=0 if opts.steps else opts.seconds, batch=8, lr=opts.lr, warmup=50,
                                finetune_fraction=0, checkpoint_every=10**7, device="cpu", depth_weight=opts.depth_weight)
         metrics = train(model, data, None, config, Path(tmp) / "run", "proxy", torch.device("cpu"))
-    truth, c2w = textured_spheres(None, 16, opts.size, seed=1, spheres=spheres)
+        truth, c2w = textured_spheres(Path(tmp) / "test", 16, opts.size, seed=1, spheres=spheres)
+        surface = np.load(Path(tmp) / "test" / "surface_0000.npy").astype(np.float32)  # 0: no surface
     model.eval()
+    hit = surface > 0
     with torch.no_grad():
-        pred = model(torch.from_numpy(c2w)).permute(0, 2, 3, 1).numpy()
+        pred, depth = model(torch.from_numpy(c2w), with_depth=True)
+        pred = pred.permute(0, 2, 3, 1).numpy()
+        if depth is not None:  # the planes read at the true surface (the far end where a pixel has none)
+            true = torch.from_numpy(np.where(hit, surface, FAR))[:, None]
+            pred_true = model(torch.from_numpy(c2w), surface=true).permute(0, 2, 3, 1).numpy()
+    jump = np.where(hit, surface, 2 * FAR)  # depth edges: neighbours 0.1 or more apart (a miss is far behind)
+    edge = np.zeros(hit.shape, bool)
+    for axis in (1, 2):
+        step = np.abs(np.diff(jump, axis=axis)) > 0.1
+        lo, hi = [slice(None)] * 3, [slice(None)] * 3
+        lo[axis], hi[axis] = slice(1, None), slice(None, -1)
+        edge[tuple(lo)] |= step
+        edge[tuple(hi)] |= step
+    padded = np.pad(edge, ((0, 0), (1, 1), (1, 1)))
+    edge = np.any([padded[:, 1 + dy : 1 + dy + edge.shape[1], 1 + dx : 1 + dx + edge.shape[2]] for dy in (-1, 0, 1) for dx in (-1, 0, 1)], 0)  # within 2 px
+    error = ((pred - truth) ** 2).mean(-1)
     grid = opts.size // 8
 
     def bound(image: np.ndarray) -> np.ndarray:  # a perfect ray-grid image, upsampled
@@ -69,9 +86,12 @@ def main() -> None:
         return np.asarray(low).astype(np.float32) / 255
 
     psnr = lambda a, b: float(np.mean([-10 * np.log10(np.mean((x - y) ** 2)) for x, y in zip(a, b)]))  # noqa: E731
-    print(json.dumps({"scene": opts.scene, "detail": opts.detail, "detail_resolution": opts.detail_resolution, "detail_layers": opts.detail_layers, "depth_weight": opts.depth_weight,
+    print(json.dumps({"scene": opts.scene, "detail": opts.detail, "detail_resolution": opts.detail_resolution, "depth_weight": opts.depth_weight,
                       "steps": metrics["steps"], "images_per_s": metrics["images_per_s"], "test_psnr": round(psnr(pred, truth), 2),
-                      "bicubic_bound": round(psnr([bound(t) for t in truth], truth), 2)}))
+                      "bicubic_bound": round(psnr([bound(t) for t in truth], truth), 2),
+                      "edge_pixels": round(float(edge.mean()), 3), "edge_error_share": round(float(error[edge].sum() / error.sum()), 3),
+                      **({"depth_mae": round(float(np.abs(depth[:, 0].numpy() - surface)[hit].mean()), 4),
+                          "test_psnr_true_depth": round(psnr(pred_true, truth), 2)} if depth is not None else {})}))
 
 
 if __name__ == "__main__":

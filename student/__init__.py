@@ -38,7 +38,6 @@ class StudentConfig:
     plane_resolution: int = 128  # cells per side of each plane
     detail: int = 0  # channels of the per-pixel surface-texture planes (0: none, as MobileR2L); needs the teacher's depth
     detail_resolution: int = 512  # cells per side of each detail plane
-    detail_layers: int = 1  # 2: a near and a far surface per pixel and a learned choice between them (occlusion edges)
     depth_weight: float = 0.1  # weight of the L1 loss between the detail branch's depth and the teacher's (fraction of the sample range)
     sr_factor: int = 8  # super-resolution factor
     upsample: str = "shuffle"  # shuffle (depth-to-space; NNAPI-friendly) or transpose (MobileR2L)
@@ -71,8 +70,6 @@ class StudentConfig:
             raise ConfigError(f"plane_resolution {self.plane_resolution} is too small", hint="use 2 cells or more")
         if self.detail_resolution < 2:
             raise ConfigError(f"detail_resolution {self.detail_resolution} is too small", hint="use 2 cells or more")
-        if self.detail_layers not in (1, 2):
-            raise ConfigError(f"detail_layers {self.detail_layers} is not 1 or 2", hint="use 1 (one surface per pixel) or 2 (near and far, for occlusion edges)")
         for name in ("frequencies", "planes", "detail", "depth_weight", "max_time_s", "weight_decay", "warmup", "eval_views", "save_views", "preload_gb"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative")

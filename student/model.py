@@ -63,7 +63,6 @@ class StudentSpec:
     plane_resolution: int = 128  # cells per side of each plane
     detail: int = 0  # per-pixel surface texture: channels of three planes read where each output pixel's ray meets the predicted surface (0: none)
     detail_resolution: int = 512  # cells per side of each detail plane
-    detail_layers: int = 1  # 1: one surface per pixel; 2: a near and a far surface and a per-pixel choice (occlusion edges)
 
     def __post_init__(self) -> None:
         check_resolution(self.width_px, self.height_px, self.sr_factor)
@@ -81,8 +80,6 @@ class StudentSpec:
             raise ConfigError(f"plane_resolution {self.plane_resolution} is too small", hint="use 2 cells or more (128 is the default)")
         if self.detail < 0 or (self.detail and self.detail_resolution < 2):
             raise ConfigError(f"detail {self.detail} / detail_resolution {self.detail_resolution} are out of range", hint="use detail >= 0 and a resolution of 2 cells or more (512 is the default)")
-        if self.detail_layers not in (1, 2):
-            raise ConfigError(f"detail_layers {self.detail_layers} is not 1 or 2", hint="use 1 (one surface per pixel) or 2 (near and far, for occlusion edges)")
         if not 0 < self.near < self.far:
             raise ConfigError(f"near {self.near} and far {self.far} must satisfy 0 < near < far")
 
@@ -270,43 +267,29 @@ class SurfaceDetail(nn.Module):
         self.register_buffer("dirs", grid_directions(spec, step=1), persistent=False)  # [3, H*W]
         self.register_buffer("center", torch.tensor(spec.center, dtype=torch.float32), persistent=False)  # [3]
         self.planes = nn.Parameter(torch.empty(3 * spec.detail_resolution**2, spec.detail).uniform_(-1e-2, 1e-2))
-        # one distance, or (near, far behind near, weight of near): ``detail_layers`` 2
-        self.depth = nn.Conv2d(channels, 1 if spec.detail_layers == 1 else 3, 1)
+        self.depth = nn.Conv2d(channels, 1, 1)
         nn.init.zeros_(self.depth.weight)  # starts at the middle of the sample range
         nn.init.zeros_(self.depth.bias)
         self.fuse = nn.Conv2d(channels + 3 * spec.detail, channels, 1)
 
-    def forward(self, c2w: Tensor, features: Tensor, intrinsics: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """features [B, C, H, W] -> (fused features [B, C, H, W], depth): the distance along each pixel's ray
-        [B, 1, H, W], or with two layers [B, 3, H, W]: near and far distance and the weight of the near one.
-
-        Two layers keep occlusion edges apart: a pixel whose upsampled features blur a foreground and a
-        background surface reads both points and blends their textures by the weight, instead of reading one
-        point in the empty space between them (where the planes hold another surface's texture: ghosts)."""
+    def forward(self, c2w: Tensor, features: Tensor, intrinsics: Tensor | None = None, surface: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """features [B, C, H, W] -> (fused features [B, C, H, W], distance along each pixel's ray [B, 1, H, W]).
+        ``surface`` [B, 1, H, W]: read the planes at these distances instead of the predicted ones (a diagnostic:
+        how much of the error is the predicted depth's)."""
         spec = self.spec
         p = spec.width_px * spec.height_px
-        layers = spec.detail_layers
-        raw = self.depth(features).float()
-        s = torch.sigmoid(raw[:, :1])  # [B, 1, H, W]: fraction of the sample range
-        if layers == 2:
-            s = torch.cat([s, s + (1 - s) * torch.sigmoid(raw[:, 1:2])], 1)  # the far one never in front
+        s = torch.sigmoid(self.depth(features).float())  # [B, 1, H, W]: fraction of the sample range
         with torch.autocast(c2w.device.type, enabled=False):  # positions and plane indices need fp32
-            t = distance_at(spec, s).reshape(-1, 1, layers, p)  # [B, 1, L, P]
+            t = (distance_at(spec, s) if surface is None else surface.float()).reshape(-1, 1, 1, p)  # [B, 1, 1, P]
             dirs = self.dirs.float() if intrinsics is None else grid_directions(spec, intrinsics, step=1)
             c2w = c2w.float()
             d = torch.matmul(c2w[:, :3, :3], dirs)  # [B, 3, P]
-            pts = c2w[:, :3, 3:4][:, :, None, :] + d[:, :, None, :] * t  # [B, 3, L, P]
+            pts = c2w[:, :3, 3:4][:, :, None, :] + d[:, :, None, :] * t  # [B, 3, 1, P]
             points = contract((pts - self.center.float().view(1, 3, 1, 1)) / spec.radius, dim=1)
-            feats = plane_features(points, self.planes, spec.detail_resolution, spec.plane_extent, layers, p)  # [B, 3, L, C, P]
-        depth = t.reshape(-1, layers, spec.height_px, spec.width_px)
-        if layers == 2:
-            w = torch.sigmoid(raw[:, 2:3])  # [B, 1, H, W]
-            wp = w.reshape(-1, 1, 1, p)
-            feats = feats[:, :, 1] + (feats[:, :, 0] - feats[:, :, 1]) * wp  # [B, 3, C, P]
-            depth = torch.cat([depth, w], 1)
+            feats = plane_features(points, self.planes, spec.detail_resolution, spec.plane_extent, 1, p)  # [B, 3, 1, C, P]
         feats = feats.reshape(-1, 3 * spec.detail, spec.height_px, spec.width_px)
         fused = self.fuse(torch.cat([features, feats.to(features.dtype)], 1))
-        return fused, depth
+        return fused, t.reshape(-1, 1, spec.height_px, spec.width_px)
 
 
 class NeLF(nn.Module):
@@ -362,16 +345,16 @@ class NeLF(nn.Module):
             x = torch.cat([x, feats.reshape(-1, 3 * spec.samples * spec.planes, gh, gw)], 1)
         return x
 
-    def forward(self, c2w: Tensor, intrinsics: Tensor | None = None, with_depth: bool = False) -> Tensor | tuple[Tensor, Tensor | None]:
+    def forward(self, c2w: Tensor, intrinsics: Tensor | None = None, with_depth: bool = False, surface: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor | None]:
         """Images rgb [B, 3, H, W] in [0, 1] for OpenGL cameras c2w [B, 4, 4] (intrinsics [B, 4] optional).
-        ``with_depth``: (rgb, distance along each pixel's ray [B, 1, H, W] (with two detail layers [B, 3, H, W]:
-        near, far, weight of near; see :meth:`SurfaceDetail.forward`), or None without ``detail``)."""
+        ``with_depth``: (rgb, distance along each pixel's ray [B, 1, H, W], or None without ``detail``).
+        ``surface``: given distances for the detail planes instead of the predicted ones (:class:`SurfaceDetail`)."""
         with torch.autocast(c2w.device.type, enabled=False):  # the phases of 2^5 x need fp32, not bf16 (ulp 0.25 at 32)
             x = self.encode(c2w, intrinsics)
         x = self.upsampler(self.act(self.blocks(self.stem(x))))
         depth = None
         if self.spec.detail:
-            x, depth = self.detail(c2w, x, intrinsics)
+            x, depth = self.detail(c2w, x, intrinsics, surface)
             x = self.act(x)
         rgb = torch.sigmoid(self.head(x))
         return (rgb, depth) if with_depth else rgb
@@ -429,5 +412,5 @@ def macs_per_frame(spec: StudentSpec) -> int:
         total += p * (scale // 2) ** 2 * up + p * scale**2 * 9 * c_out * c_out
         c_in = c_out
     if spec.detail:  # depth and fuse convolutions at every pixel (plane reads not counted)
-        total += p * scale**2 * (c_in * (2 * spec.detail_layers - 1) + (c_in + 3 * spec.detail) * c_in)
+        total += p * scale**2 * (c_in + (c_in + 3 * spec.detail) * c_in)
     return int(total + p * scale**2 * 3 * c_in)

@@ -54,7 +54,7 @@ def build_spec(meta: dict[str, Any], config: Any) -> StudentSpec:
         width_px=w, height_px=h, fx=meta["fx"] * sx, fy=meta["fy"] * sy, cx=meta["cx"] * sx, cy=meta["cy"] * sy,
         near=float(meta["near"]), far=float(meta["far"]), spacing="disparity" if unbounded else "linear",
         radius=1.0 if unbounded else float(meta["bound"]), samples=config.samples, frequencies=config.frequencies,
-        planes=config.planes, plane_resolution=config.plane_resolution, detail=config.detail, detail_resolution=config.detail_resolution, detail_layers=config.detail_layers,
+        planes=config.planes, plane_resolution=config.plane_resolution, detail=config.detail, detail_resolution=config.detail_resolution,
         depth=config.depth, width=config.width, sr_factor=config.sr_factor, upsample=config.upsample, activation=config.activation, norm=config.norm,
     )
 
@@ -101,32 +101,12 @@ def _as_surface(surface: Tensor, height: int, width: int) -> Tensor:
 
 def depth_loss(spec: StudentSpec, depth: Tensor, surface: Tensor) -> Tensor:
     """Mean L1 distance, as a fraction of the sample range, between the detail branch's depth [B, 1, H, W] and
-    the teacher's surface [B, 1, H, W] over the pixels that have one (surface > 0); 0 when none has.
-
-    Two layers (depth [B, 3, H, W]: near, far, weight of near): the near one learns the nearest surface within
-    ``sr_factor`` pixels and the far one the farthest (empty pixels count as farthest of all), each where that
-    is a surface; the weight learns, by cross-entropy, which of the two is each pixel's own surface. Pixels
-    with no surface anywhere in reach (and the photos of the fine-tune, which have no depth) do not count.
-    """
+    the teacher's surface [B, 1, H, W] over the pixels that have one (surface > 0); 0 when none has."""
     from mg3d.student.model import fraction_at
 
     valid = surface > 0
-    target = fraction_at(spec, surface.clamp(min=1e-3))
-    if depth.shape[1] == 1:
-        diff = (fraction_at(spec, depth.float()) - target).abs()
-        return torch.where(valid, diff, 0.0).sum() / valid.sum().clamp(min=1)
-    k = spec.sr_factor + 1
-    pool = lambda x: F.max_pool2d(x, k, stride=1, padding=k // 2)  # noqa: E731
-    behind = torch.where(valid, target, torch.full_like(target, 2.0))  # empty: behind everything
-    near, far = -pool(-behind), pool(behind)
-    some, every = pool(valid.float()) > 0, -pool(-valid.float()) > 0  # a surface in reach / only surfaces
-    s_near, s_far, w = fraction_at(spec, depth[:, :1].float()), fraction_at(spec, depth[:, 1:2].float()), depth[:, 2:3].float()
-    l_near = torch.where(some, (s_near - near).abs(), 0.0).sum() / some.sum().clamp(min=1)
-    l_far = torch.where(every, (s_far - far).abs(), 0.0).sum() / every.sum().clamp(min=1)
-    own_near = (valid & ((behind - near).abs() <= (far - behind).abs())).float()  # empty pixels: the far layer
-    bce = F.binary_cross_entropy(w.clamp(1e-4, 1 - 1e-4), own_near, reduction="none")
-    l_choice = torch.where(some, bce, 0.0).sum() / some.sum().clamp(min=1)
-    return l_near + l_far + l_choice
+    diff = (fraction_at(spec, depth.float()) - fraction_at(spec, surface.clamp(min=1e-3))).abs()
+    return torch.where(valid, diff, 0.0).sum() / valid.sum().clamp(min=1)
 
 
 def train_stage(workspace: Workspace, config: Any, out: Path, key: str, run_: Any, with_teacher: bool = True) -> dict[str, Any]:

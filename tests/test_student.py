@@ -202,6 +202,11 @@ def test_surface_detail_learns_texture_finer_than_the_ray_grid(tmp_path: Path) -
         scores[detail] = -10 * np.log10(np.mean((pred - test_images) ** 2))
         if detail:
             assert depth.shape == (6, 1, 64, 64) and float(depth.min()) >= 2.0 and float(depth.max()) <= 4.0
+            with torch.no_grad():  # the diagnostic that reads the planes at given distances: the predicted ones
+                same = model(torch.from_numpy(test_c2w), surface=depth).permute(0, 2, 3, 1).numpy()  # change nothing,
+                moved = model(torch.from_numpy(test_c2w), surface=depth + 0.3).permute(0, 2, 3, 1).numpy()  # others do
+            np.testing.assert_allclose(same, pred, atol=1e-6)
+            assert np.abs(moved - pred).mean() > 1e-3
     assert scores[4] > scores[0] + 3, scores
 
 
