@@ -297,7 +297,12 @@ def session(path: Path, threads: int = 0) -> "onnxruntime.InferenceSession":
         options.add_session_config_entry("session.enable_saved_runtime_optimizations", "1")
     if threads:
         options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - the runtime's own reason, in one line (it raises its own types)
+        reason = str(exc).splitlines()[0].split(" : ")[-1][:240] if str(exc) else exc.__class__.__name__
+        raise ExportError(f"onnxruntime {ort.__version__} cannot load {Path(path).name}: {reason}",
+                          hint="a file written by mg3d export is checked when it is made: export again with --force, or use the onnxruntime version it was made with") from None
 
 
 def render(sess: "onnxruntime.InferenceSession", poses: np.ndarray) -> np.ndarray:

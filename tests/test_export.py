@@ -178,7 +178,7 @@ def test_depth_to_space_rewrite_keeps_the_image() -> None:
     np.testing.assert_allclose(got, net(x).detach().numpy(), atol=1e-5)
 
 
-def test_repeated_nodes_from_the_fp16_converter_are_dropped() -> None:
+def test_repeated_nodes_from_the_fp16_converter_are_dropped(tmp_path: Path) -> None:
     """onnxruntime 1.30's converter writes the Cast after a constant once per kept node that reads it, with one
     name and one output; onnxruntime then refuses the model. One copy stays and the model runs."""
     from onnx import TensorProto, helper
@@ -192,6 +192,11 @@ def test_repeated_nodes_from_the_fp16_converter_are_dropped() -> None:
     model = helper.make_model(helper.make_graph([constant, *casts, *uses], "g", io[:1], io[1:]))
     with pytest.raises(Exception, match="Duplicate definition|same node name"):
         ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    from mg3d.export.onnxmodel import ExportError, session
+
+    onnx.save(model, str(tmp_path / "twice.onnx"))
+    with pytest.raises(ExportError, match=r"onnxruntime [\d.]+ cannot load twice.onnx: .*(Duplicate definition|same node name)"):
+        session(tmp_path / "twice.onnx")  # what a build says when a runtime refuses a model, in one line
     assert drop_duplicate_nodes(model) == 1
     assert len({n.name for n in model.graph.node}) == len(model.graph.node) == 4  # the two "m" got names of their own
     got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": np.ones(1, np.float32)})[0]
