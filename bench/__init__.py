@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,6 +66,7 @@ def run(workspace: Workspace, config: BenchConfig) -> dict[str, Any]:
     from mg3d.bench.profiles import BenchError, resolve
     from mg3d.bench.report import write_report
 
+    t0 = time.perf_counter()  # the measurements run before the stage's folder is opened: count them too
     if config.sweep:  # a sweep trains its own candidates: it needs the pseudo data, not a student
         source = workspace.require("distill", how=f"run mg3d distill {workspace.root} first")
         inputs = {"distill": {"path": str(source / "manifest.json"), "sha256": sha256_file(source / "manifest.json")}}
@@ -104,6 +106,7 @@ def run(workspace: Workspace, config: BenchConfig) -> dict[str, Any]:
         every = {p.stem: json.loads(p.read_text()) for p in sorted(run_.path.glob("*.json")) if not p.name.startswith("choice-")}
         report = write_report(run_.path, every)
         run_.metrics["devices"] = {d: _headline(r) for d, r in every.items()}
+        run_.metrics["duration_s"] = round(time.perf_counter() - t0, 3)
         run_.outputs.update({"report": "report.json", "html": "report.html"})
     return report
 

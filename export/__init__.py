@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,9 +127,13 @@ def run(workspace: Workspace, config: ExportConfig, force: bool = False) -> Expo
             shutil.copytree(workspace.stage_dir(STAGE) / target, run_.path / target)
         from mg3d.export.build import export_target
 
+        t0 = time.perf_counter()
         summary = export_target(workspace, config, run_.path / config.target)
+        summary["seconds"] = round(time.perf_counter() - t0, 3)
         previous = old.get("metrics", {}).get("targets", {})
         run_.metrics["targets"] = {**{t: previous[t] for t in keep if t in previous}, config.target: summary}
+        # one target per run: the stage's time is that of every target it holds
+        run_.metrics["duration_s"] = round(sum(t.get("seconds", 0.0) for t in run_.metrics["targets"].values()), 3)
         for target in (*keep, config.target):
             run_.outputs[target] = f"{target}/model.json"
     return ExportResult(run_.manifest, skipped=False)

@@ -121,8 +121,8 @@ def write_report(ws: Workspace) -> Path:
         stage = name.split("/")[0]
         timing = build.get("stages", {}).get(stage) if stage != "edit" or name == f"edit/{ws.active_edit()}" else None
         status = ("up to date" if timing["skipped"] else "done") if timing else ""
-        # the stage's own time, from its manifest: a stage the last build found up to date took it earlier
-        took = m.get("metrics", {}).get("duration_s", timing["seconds"] if timing and not timing["skipped"] else None)
+        # the last build's time, or the stage's own record of it: a stage found up to date ran earlier
+        took = timing["seconds"] if timing and not timing["skipped"] else m.get("metrics", {}).get("duration_s")
         rows.append([name, took, status, key_figure(ws, stage) if timing or stage != "edit" else "", m.get("device", {}).get("kind", "")])
     parts.append("<h2>Stages</h2>" + _table(["stage", "seconds", "last build", "key figure", "device"], rows))
     counted = [r[1] for r in rows if isinstance(r[1], (int, float)) and (r[2] or not r[0].startswith("edit/"))]

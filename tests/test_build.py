@@ -34,6 +34,8 @@ def test_build_resumes_after_ctrl_c_and_writes_every_artifact(tiny_demo_teacher:
     build = json.loads((ws / "build.json").read_text())
     stages = build["stages"]
     assert [s for s, d in stages.items() if d["skipped"]] == ["capture", "teacher", "edit", "distill"]
+    for stage in ("student", "export", "bench"):  # a stage's own record of its time covers its work
+        assert read_manifest(ws, stage)["metrics"]["duration_s"] >= 0.5 * stages[stage]["seconds"], stage
     assert {s: read_manifest(ws, s)["finished"] for s in ("capture", "teacher")} == finished  # not redone
     student = read_manifest(ws, "student")["metrics"]
     assert student["resumed_from_step"] == 200 and student["psnr_vs_teacher"] > 0
