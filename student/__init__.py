@@ -160,6 +160,7 @@ def run(workspace: Workspace, config: StudentConfig, force: bool = False) -> Stu
 
 
 def _check_data(workspace: Workspace, folder: Any, config: StudentConfig) -> None:
+    from mg3d.student.distill import has_surfaces
     from mg3d.student.model import StudentError
 
     try:
@@ -168,6 +169,6 @@ def _check_data(workspace: Workspace, folder: Any, config: StudentConfig) -> Non
     except (OSError, ValueError, KeyError) as exc:
         raise StudentError(f"the pseudo data in {folder} is unreadable ({exc.__class__.__name__})", hint="redo it with mg3d distill WS --force") from None
     output_size(config.resolution, width, height, config.sr_factor)
-    if config.detail and len(meta.get("surfaces", [])) != len(meta.get("shards", [])):
+    if config.detail and not has_surfaces(meta):
         raise StudentError("--detail learns where each pixel's ray meets the surface, and this pseudo data has no surface distances (made by an older mg3d)",
                            hint=f"redo it with mg3d distill {workspace.root} --force, or train without --detail")

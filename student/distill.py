@@ -232,6 +232,11 @@ def _preview(out: Path, meta: dict[str, Any], count: int = 16) -> None:
     Image.fromarray(sheet).save(out / "preview.png")
 
 
+def has_surfaces(meta: dict[str, Any]) -> bool:
+    """Whether pseudo data (its ``distill.json``) holds surface distances for every shard (older data has none)."""
+    return len(meta.get("surfaces", [])) == len(meta.get("shards", []))
+
+
 class PseudoData:
     """The pseudo views of ``WS/distill``, memory-mapped.
 
@@ -265,19 +270,22 @@ class PseudoData:
     def surface_nbytes(self) -> int:
         return int(sum(s.nbytes for s in self.surfaces))
 
+    def _rows(self, arrays: list[np.ndarray], indices: np.ndarray) -> np.ndarray:
+        """The given views' rows of per-shard arrays (images or surfaces), stacked."""
+        shard = np.searchsorted(self.offsets, indices, side="right") - 1
+        return np.stack([arrays[s][i - self.offsets[s]] for s, i in zip(shard, indices)])
+
     def images(self, indices: np.ndarray) -> np.ndarray:
         """Images [len(indices), H, W, 3] of the given views."""
-        shard = np.searchsorted(self.offsets, indices, side="right") - 1
-        return np.stack([self.shards[s][i - self.offsets[s]] for s, i in zip(shard, indices)])
+        return self._rows(self.shards, indices)
 
     @property
     def has_surfaces(self) -> bool:
-        return len(self.surfaces) == len(self.shards)
+        return has_surfaces(self.meta)
 
     def surface(self, indices: np.ndarray) -> np.ndarray:
         """Surface distances [len(indices), H, W] float16 of the given views."""
-        shard = np.searchsorted(self.offsets, indices, side="right") - 1
-        return np.stack([self.surfaces[s][i - self.offsets[s]] for s, i in zip(shard, indices)])
+        return self._rows(self.surfaces, indices)
 
     def all_images(self) -> np.ndarray:
         return np.concatenate([np.asarray(s) for s in self.shards])
