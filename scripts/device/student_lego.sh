@@ -4,6 +4,7 @@
 # student vs teacher. Results (JSON per phase, side-by-side PNGs, the log) go to $OUT as one tarball.
 #
 #   bash scripts/device/student_lego.sh TEACHER_S VIEWS STUDENT_S "tag:--set k=v --set k=v" ["tag2:..."]
+#   PARALLEL=1 bash scripts/device/student_lego.sh ...   # the variants side by side on the one GPU
 #
 # Needs the lego-400 data at .gpudata/lego-400 (copy ../shared/data/lego-400 there; .gpudata is in
 # .gitignore and travels with carry=[".gpudata"]). The machine's python3 has torch, onnx, numpy,
@@ -23,17 +24,23 @@ trap finish EXIT
 # BENCH_ARGS: extra options for every call (a CPU dry run: --preset tiny --teacher-set eval_views=2)
 # shellcheck disable=SC2086
 python3 scripts/bench_student.py "$ws" --dataset .gpudata/lego-400 --phases teacher,distill --teacher-time "$teacher_s" --views "$views" --out "$out" ${BENCH_ARGS:-} 2>&1 | grep -v "━" | tee -a "$out/log.txt"
+# PARALLEL=1 trains the variants at the same time on the one GPU (each gets part of it: a conservative figure
+# for each, and several in one call); otherwise one after the other
 for variant in "$@"; do  # "tag:args" trains and evaluates; "tag+speed:args" also times student vs teacher
   tag=${variant%%:*}
   args=${variant#*:}
   phases=student
   case $tag in *+speed) tag=${tag%+speed} phases=student,speed ;; esac
   # shellcheck disable=SC2086  # args holds several --set options
-  python3 scripts/bench_student.py "$ws" --phases "$phases" --tag "$tag" --student-time "$student_s" --repeats 20 $args --out "$out" ${BENCH_ARGS:-} 2>&1 | grep -v "━" | tee -a "$out/log.txt"
+  vws=$ws
+  if [ "${PARALLEL:-0}" = 1 ]; then vws=${ws}_$tag && rm -rf "$vws" && cp -a "$ws" "$vws"; fi  # a workspace each: one student stage per workspace
+  run() { python3 scripts/bench_student.py "$vws" --phases "$phases" --tag "$tag" --student-time "$student_s" --repeats 20 $args --out "$out" ${BENCH_ARGS:-} 2>&1 | grep -v "━" | tee -a "$out/log_$tag.txt"; }
+  if [ "${PARALLEL:-0}" = 1 ]; then run & else run; fi
 done
+wait
 # the last variant's student and the teacher, in fp16, cut into parts under the 16 MiB a returned file may
 # have (join with cat): CPU export and speed checks on the developer's machine
-python3 - "$ws" "${OUT:-/tmp/out}" "${tag:-}" <<'PY'
+python3 - "${vws:-$ws}" "${OUT:-/tmp/out}" "${tag:-}" <<'PY'
 import sys
 from pathlib import Path
 from safetensors.torch import load_file, save_file
