@@ -26,7 +26,6 @@ def main() -> None:
     parser.add_argument("--detail", type=int, default=0)
     parser.add_argument("--detail-resolution", type=int, default=256)
     parser.add_argument("--depth-weight", type=float, default=0.1)
-    parser.add_argument("--forced-weight", type=float, default=0.0, help="weight of the image loss with the planes read at the true depth (0: off)")
     parser.add_argument("--scene", choices=["one", "five"], default="one")
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--views", type=int, default=600)
@@ -57,8 +56,7 @@ def main() -> None:
         torch.manual_seed(0)
         model = NeLF(spec)
         config = StudentConfig(depth=4, width=64, detail=opts.detail, steps=opts.steps or 10**7, max_time_s=0 if opts.steps else opts.seconds, batch=8, lr=opts.lr, warmup=50,
-                               finetune_fraction=0, checkpoint_every=10**7, device="cpu", depth_weight=opts.depth_weight,
-                               forced_weight=opts.forced_weight)
+                               finetune_fraction=0, checkpoint_every=10**7, device="cpu", depth_weight=opts.depth_weight)
         metrics = train(model, data, None, config, Path(tmp) / "run", "proxy", torch.device("cpu"))
         truth, c2w = textured_spheres(Path(tmp) / "test", 16, opts.size, seed=1, spheres=spheres)
         surface = np.load(Path(tmp) / "test" / "surface_0000.npy").astype(np.float32)  # 0: no surface
@@ -86,7 +84,7 @@ def main() -> None:
         return np.asarray(low).astype(np.float32) / 255
 
     psnr = lambda a, b: float(np.mean([-10 * np.log10(np.mean((x - y) ** 2)) for x, y in zip(a, b)]))  # noqa: E731
-    print(json.dumps({"scene": opts.scene, "detail": opts.detail, "detail_resolution": opts.detail_resolution, "depth_weight": opts.depth_weight, "forced_weight": opts.forced_weight,
+    print(json.dumps({"scene": opts.scene, "detail": opts.detail, "detail_resolution": opts.detail_resolution, "depth_weight": opts.depth_weight,
                       "steps": metrics["steps"], "images_per_s": metrics["images_per_s"], "test_psnr": round(psnr(pred, truth), 2),
                       "bicubic_bound": round(psnr([bound(t) for t in truth], truth), 2),
                       "edge_pixels": round(float(edge.mean()), 3), "edge_error_share": round(float(error[edge].sum() / error.sum()), 3),

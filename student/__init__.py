@@ -39,7 +39,6 @@ class StudentConfig:
     detail: int = 0  # channels of the per-pixel surface-texture planes (0: none, as MobileR2L); needs the teacher's depth
     detail_resolution: int = 512  # cells per side of each detail plane
     depth_weight: float = 0.1  # weight of the L1 loss between the detail branch's depth and the teacher's (fraction of the sample range)
-    forced_weight: float = 0.0  # detail students: weight of a second image loss with the planes read at the teacher's surface (0: off)
     sr_factor: int = 8  # super-resolution factor
     upsample: str = "shuffle"  # shuffle (depth-to-space; NNAPI-friendly) or transpose (MobileR2L)
     activation: str = "gelu_tanh"  # gelu_tanh (Tanh: NNAPI and Core ML run it) or gelu (exact; Erf, which NNAPI lacks)
@@ -71,7 +70,7 @@ class StudentConfig:
             raise ConfigError(f"plane_resolution {self.plane_resolution} is too small", hint="use 2 cells or more")
         if self.detail_resolution < 2:
             raise ConfigError(f"detail_resolution {self.detail_resolution} is too small", hint="use 2 cells or more")
-        for name in ("frequencies", "planes", "detail", "depth_weight", "forced_weight", "max_time_s", "weight_decay", "warmup", "eval_views", "save_views", "preload_gb"):
+        for name in ("frequencies", "planes", "detail", "depth_weight", "max_time_s", "weight_decay", "warmup", "eval_views", "save_views", "preload_gb"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative")
         if self.compile not in ("auto", "on", "off"):

@@ -272,33 +272,24 @@ class SurfaceDetail(nn.Module):
         nn.init.zeros_(self.depth.bias)
         self.fuse = nn.Conv2d(channels + 3 * spec.detail, channels, 1)
 
-    def forward(self, c2w: Tensor, features: Tensor, intrinsics: Tensor | None = None, surface: Tensor | None = None,
-                forced: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
-        """features [B, C, H, W] -> (fused features [B, C, H, W], distance along each pixel's ray [B, 1, H, W],
-        fused features of a second read at ``forced`` distances or None).
+    def forward(self, c2w: Tensor, features: Tensor, intrinsics: Tensor | None = None, surface: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """features [B, C, H, W] -> (fused features [B, C, H, W], distance along each pixel's ray [B, 1, H, W]).
         ``surface`` [B, 1, H, W]: read the planes at these distances instead of the predicted ones (a diagnostic:
-        how much of the error is the predicted depth's). ``forced`` [B, 1, H, W]: training only, also read at the
-        teacher's surface (0: none there; the predicted distance is used), so that the planes learn each texture
-        at its true place rather than wherever an early, wrong depth put it."""
+        how much of the error is the predicted depth's)."""
         spec = self.spec
         p = spec.width_px * spec.height_px
         s = torch.sigmoid(self.depth(features).float())  # [B, 1, H, W]: fraction of the sample range
         with torch.autocast(c2w.device.type, enabled=False):  # positions and plane indices need fp32
             t = (distance_at(spec, s) if surface is None else surface.float()).reshape(-1, 1, 1, p)  # [B, 1, 1, P]
-            reads = t
-            if forced is not None:
-                forced = forced.float().reshape(-1, 1, 1, p)
-                reads = torch.cat([t, torch.where(forced > 0, forced, t.detach())], 2)  # [B, 1, 2, P]: both in one Gather
-            n = reads.shape[2]
             dirs = self.dirs.float() if intrinsics is None else grid_directions(spec, intrinsics, step=1)
             c2w = c2w.float()
             d = torch.matmul(c2w[:, :3, :3], dirs)  # [B, 3, P]
-            pts = c2w[:, :3, 3:4][:, :, None, :] + d[:, :, None, :] * reads  # [B, 3, n, P]
+            pts = c2w[:, :3, 3:4][:, :, None, :] + d[:, :, None, :] * t  # [B, 3, 1, P]
             points = contract((pts - self.center.float().view(1, 3, 1, 1)) / spec.radius, dim=1)
-            feats = plane_features(points, self.planes, spec.detail_resolution, spec.plane_extent, n, p)  # [B, 3, n, C, P]
-        fused = [self.fuse(torch.cat([features, feats[:, :, i].reshape(-1, 3 * spec.detail, spec.height_px, spec.width_px).to(features.dtype)], 1))
-                 for i in range(n)]
-        return fused[0], t.reshape(-1, 1, spec.height_px, spec.width_px), (fused[1] if n > 1 else None)
+            feats = plane_features(points, self.planes, spec.detail_resolution, spec.plane_extent, 1, p)  # [B, 3, 1, C, P]
+        feats = feats.reshape(-1, 3 * spec.detail, spec.height_px, spec.width_px)
+        fused = self.fuse(torch.cat([features, feats.to(features.dtype)], 1))
+        return fused, t.reshape(-1, 1, spec.height_px, spec.width_px)
 
 
 class NeLF(nn.Module):
@@ -354,20 +345,16 @@ class NeLF(nn.Module):
             x = torch.cat([x, feats.reshape(-1, 3 * spec.samples * spec.planes, gh, gw)], 1)
         return x
 
-    def forward(self, c2w: Tensor, intrinsics: Tensor | None = None, with_depth: bool = False, surface: Tensor | None = None,
-                forced: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor | None] | tuple[Tensor, Tensor, Tensor]:
+    def forward(self, c2w: Tensor, intrinsics: Tensor | None = None, with_depth: bool = False, surface: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor | None]:
         """Images rgb [B, 3, H, W] in [0, 1] for OpenGL cameras c2w [B, 4, 4] (intrinsics [B, 4] optional).
         ``with_depth``: (rgb, distance along each pixel's ray [B, 1, H, W], or None without ``detail``).
-        ``surface``: given distances for the detail planes instead of the predicted ones (:class:`SurfaceDetail`).
-        ``forced`` (training, detail students): (rgb, depth, rgb with the planes read at these distances)."""
+        ``surface``: given distances for the detail planes instead of the predicted ones (:class:`SurfaceDetail`)."""
         with torch.autocast(c2w.device.type, enabled=False):  # the phases of 2^5 x need fp32, not bf16 (ulp 0.25 at 32)
             x = self.encode(c2w, intrinsics)
         x = self.upsampler(self.act(self.blocks(self.stem(x))))
         depth = None
         if self.spec.detail:
-            x, depth, x_forced = self.detail(c2w, x, intrinsics, surface, forced)
-            if x_forced is not None:
-                return torch.sigmoid(self.head(self.act(x))), depth, torch.sigmoid(self.head(self.act(x_forced)))
+            x, depth = self.detail(c2w, x, intrinsics, surface)
             x = self.act(x)
         rgb = torch.sigmoid(self.head(x))
         return (rgb, depth) if with_depth else rgb

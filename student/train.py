@@ -255,15 +255,9 @@ def train(
                     surface = torch.cat([surface, surface.new_zeros((n_real, *surface.shape[1:]))])
             if cuda and config.mixed_precision:
                 target = target.contiguous(memory_format=torch.channels_last)
-            forced_pred = None
             with autocast:
-                if spec.detail and config.forced_weight > 0:
-                    pred, depth, forced_pred = net(c2w, intr, forced=surface)
-                else:
-                    pred, depth = net(c2w, intr, with_depth=True) if spec.detail else (net(c2w, intr), None)
+                pred, depth = net(c2w, intr, with_depth=True) if spec.detail else (net(c2w, intr), None)
             loss = F.mse_loss(pred.float(), target)
-            if forced_pred is not None:  # the planes also learn from reads at the teacher's surface
-                loss = loss + config.forced_weight * F.mse_loss(forced_pred.float(), target)
             if depth is not None and config.depth_weight > 0:
                 loss = loss + config.depth_weight * depth_loss(spec, depth, surface)
             optimizer.zero_grad(set_to_none=True)
