@@ -26,7 +26,6 @@ def main() -> None:
     parser.add_argument("--detail", type=int, default=0)
     parser.add_argument("--detail-resolution", type=int, default=256)
     parser.add_argument("--depth-weight", type=float, default=0.1)
-    parser.add_argument("--depth-bins", type=int, default=0, help="depth as a choice among this many bins and an offset (0: regressed)")
     parser.add_argument("--scene", choices=["one", "five"], default="one")
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--views", type=int, default=600)
@@ -53,7 +52,7 @@ def main() -> None:
         data = PseudoData(folder)
         fx, half = data.meta["fx"], opts.size / 2
         spec = StudentSpec(width_px=opts.size, height_px=opts.size, fx=fx, fy=fx, cx=half, cy=half, near=NEAR, far=FAR, radius=1.0, depth=4, width=64,
-                           sr_factor=8, detail=opts.detail, detail_resolution=opts.detail_resolution, depth_bins=opts.depth_bins)
+                           sr_factor=8, detail=opts.detail, detail_resolution=opts.detail_resolution)
         torch.manual_seed(0)
         model = NeLF(spec)
         config = StudentConfig(depth=4, width=64, detail=opts.detail, steps=opts.steps or 10**7, max_time_s=0 if opts.steps else opts.seconds, batch=8, lr=opts.lr, warmup=50,
@@ -85,7 +84,7 @@ def main() -> None:
         return np.asarray(low).astype(np.float32) / 255
 
     psnr = lambda a, b: float(np.mean([-10 * np.log10(np.mean((x - y) ** 2)) for x, y in zip(a, b)]))  # noqa: E731
-    print(json.dumps({"scene": opts.scene, "detail": opts.detail, "detail_resolution": opts.detail_resolution, "depth_weight": opts.depth_weight, "depth_bins": opts.depth_bins,
+    print(json.dumps({"scene": opts.scene, "detail": opts.detail, "detail_resolution": opts.detail_resolution, "depth_weight": opts.depth_weight,
                       "steps": metrics["steps"], "images_per_s": metrics["images_per_s"], "test_psnr": round(psnr(pred, truth), 2),
                       "bicubic_bound": round(psnr([bound(t) for t in truth], truth), 2),
                       "edge_pixels": round(float(edge.mean()), 3), "edge_error_share": round(float(error[edge].sum() / error.sum()), 3),

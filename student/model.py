@@ -63,7 +63,6 @@ class StudentSpec:
     plane_resolution: int = 128  # cells per side of each plane
     detail: int = 0  # per-pixel surface texture: channels of three planes read where each output pixel's ray meets the predicted surface (0: none)
     detail_resolution: int = 512  # cells per side of each detail plane
-    depth_bins: int = 0  # detail students: depth as a choice among this many bins of the sample range (+ "no surface") and an offset in the bin, instead of one regressed value (0)
 
     def __post_init__(self) -> None:
         check_resolution(self.width_px, self.height_px, self.sr_factor)
@@ -79,8 +78,6 @@ class StudentSpec:
             raise ConfigError("samples, depth and width must be positive; frequencies and planes not negative")
         if self.planes and self.plane_resolution < 2:
             raise ConfigError(f"plane_resolution {self.plane_resolution} is too small", hint="use 2 cells or more (128 is the default)")
-        if self.depth_bins < 0 or (self.depth_bins and not self.detail):
-            raise ConfigError(f"depth_bins {self.depth_bins} needs the surface detail", hint="set detail > 0 too, or depth_bins=0")
         if self.detail < 0 or (self.detail and self.detail_resolution < 2):
             raise ConfigError(f"detail {self.detail} / detail_resolution {self.detail_resolution} are out of range", hint="use detail >= 0 and a resolution of 2 cells or more (512 is the default)")
         if not 0 < self.near < self.far:
@@ -252,33 +249,6 @@ def sr_channels(width: int, stages: int) -> list[int]:
     return [max(width >> (i + 1), 16) for i in range(stages)]
 
 
-def binned_fraction(out: Tensor, bins: int) -> Tensor:
-    """Fractions of the sample range [B, 1, H, W] from the binned depth head's output [B, 2 K + 1, H, W]: the
-    offset inside the bin with the largest logit (the first on a tie), 1 (the far end) where "no surface"
-    wins. ArgMax, Equal and ReduceSum: no GatherElements, which mobile delegates handle unevenly."""
-    logits, offsets = out[:, : bins + 1], torch.sigmoid(out[:, bins + 1 :])
-    index = torch.arange(bins + 1, device=out.device).view(1, -1, 1, 1)
-    pick = (index == logits.argmax(1, keepdim=True)).to(out.dtype)  # [B, K + 1, H, W] one-hot
-    lower = index[:, :bins].to(out.dtype)
-    inside = ((lower + offsets) / bins * pick[:, :bins]).sum(1, keepdim=True)
-    return inside + pick[:, bins:]
-
-
-def binned_depth_loss(spec: StudentSpec, out: Tensor, surface: Tensor) -> Tensor:
-    """Loss of the binned depth head's output [B, 2 K + 1, H, W] against the teacher's surface [B, 1, H, W]
-    (0: no surface): cross-entropy of the bin (or "no surface"), plus the L1 error of every bin's offset
-    against the true fraction clamped into that bin (a neighbour chosen by mistake still lands next to the
-    surface), in bin widths, over the pixels with a surface."""
-    k = spec.depth_bins
-    valid = surface > 0
-    s = fraction_at(spec, surface.float().clamp(min=1e-3)).clamp(0, 1 - 1e-6) * k  # [B, 1, H, W] in bins
-    target = torch.where(valid, s.floor(), float(k)).long()[:, 0]  # [B, H, W]
-    ce = nn.functional.cross_entropy(out[:, : k + 1].float(), target)
-    lower = torch.arange(k, device=out.device, dtype=torch.float32).view(1, -1, 1, 1)
-    err = (torch.sigmoid(out[:, k + 1 :].float()) - (s - lower).clamp(0, 1)).abs().mean(1, keepdim=True)
-    return ce + torch.where(valid, err, 0.0).sum() / valid.sum().clamp(min=1)
-
-
 class SurfaceDetail(nn.Module):
     """Per-pixel texture from where each output pixel's ray meets the surface.
 
@@ -297,27 +267,18 @@ class SurfaceDetail(nn.Module):
         self.register_buffer("dirs", grid_directions(spec, step=1), persistent=False)  # [3, H*W]
         self.register_buffer("center", torch.tensor(spec.center, dtype=torch.float32), persistent=False)  # [3]
         self.planes = nn.Parameter(torch.empty(3 * spec.detail_resolution**2, spec.detail).uniform_(-1e-2, 1e-2))
-        # one distance (sigmoid of a fraction), or with depth_bins K: K + 1 logits (K bins and "no surface") and
-        # K offsets inside the bins. The hard choice turns logits that cross smoothly into a depth edge one
-        # pixel wide, where a regressed depth blends the near and far surface into empty space between them.
-        k = spec.depth_bins
-        self.depth = nn.Conv2d(channels, 2 * k + 1 if k else 1, 1)
-        nn.init.zeros_(self.depth.weight)  # starts at the middle of the sample range (or of every bin)
+        self.depth = nn.Conv2d(channels, 1, 1)
+        nn.init.zeros_(self.depth.weight)  # starts at the middle of the sample range
         nn.init.zeros_(self.depth.bias)
         self.fuse = nn.Conv2d(channels + 3 * spec.detail, channels, 1)
 
-    def forward(self, c2w: Tensor, features: Tensor, intrinsics: Tensor | None = None, surface: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """features [B, C, H, W] -> (fused features [B, C, H, W], distance along each pixel's ray [B, 1, H, W],
-        the depth head's output [B, 1 or 2 K + 1, H, W]).
+    def forward(self, c2w: Tensor, features: Tensor, intrinsics: Tensor | None = None, surface: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """features [B, C, H, W] -> (fused features [B, C, H, W], distance along each pixel's ray [B, 1, H, W]).
         ``surface`` [B, 1, H, W]: read the planes at these distances instead of the predicted ones (a diagnostic:
         how much of the error is the predicted depth's)."""
         spec = self.spec
         p = spec.width_px * spec.height_px
-        out = self.depth(features).float()
-        if spec.depth_bins:
-            s = binned_fraction(out, spec.depth_bins)
-        else:
-            s = torch.sigmoid(out)  # [B, 1, H, W]: fraction of the sample range
+        s = torch.sigmoid(self.depth(features).float())  # [B, 1, H, W]: fraction of the sample range
         with torch.autocast(c2w.device.type, enabled=False):  # positions and plane indices need fp32
             t = (distance_at(spec, s) if surface is None else surface.float()).reshape(-1, 1, 1, p)  # [B, 1, 1, P]
             dirs = self.dirs.float() if intrinsics is None else grid_directions(spec, intrinsics, step=1)
@@ -328,7 +289,7 @@ class SurfaceDetail(nn.Module):
             feats = plane_features(points, self.planes, spec.detail_resolution, spec.plane_extent, 1, p)  # [B, 3, 1, C, P]
         feats = feats.reshape(-1, 3 * spec.detail, spec.height_px, spec.width_px)
         fused = self.fuse(torch.cat([features, feats.to(features.dtype)], 1))
-        return fused, t.reshape(-1, 1, spec.height_px, spec.width_px), out
+        return fused, t.reshape(-1, 1, spec.height_px, spec.width_px)
 
 
 class NeLF(nn.Module):
@@ -384,22 +345,18 @@ class NeLF(nn.Module):
             x = torch.cat([x, feats.reshape(-1, 3 * spec.samples * spec.planes, gh, gw)], 1)
         return x
 
-    def forward(self, c2w: Tensor, intrinsics: Tensor | None = None, with_depth: bool = False, surface: Tensor | None = None,
-                head_output: bool = False) -> Tensor | tuple[Tensor, Tensor | None] | tuple[Tensor, Tensor | None, Tensor | None]:
+    def forward(self, c2w: Tensor, intrinsics: Tensor | None = None, with_depth: bool = False, surface: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor | None]:
         """Images rgb [B, 3, H, W] in [0, 1] for OpenGL cameras c2w [B, 4, 4] (intrinsics [B, 4] optional).
         ``with_depth``: (rgb, distance along each pixel's ray [B, 1, H, W], or None without ``detail``).
-        ``surface``: given distances for the detail planes instead of the predicted ones (:class:`SurfaceDetail`).
-        ``head_output`` (training): (rgb, depth, the depth head's raw output or None), for the binned depth loss."""
+        ``surface``: given distances for the detail planes instead of the predicted ones (:class:`SurfaceDetail`)."""
         with torch.autocast(c2w.device.type, enabled=False):  # the phases of 2^5 x need fp32, not bf16 (ulp 0.25 at 32)
             x = self.encode(c2w, intrinsics)
         x = self.upsampler(self.act(self.blocks(self.stem(x))))
-        depth = out = None
+        depth = None
         if self.spec.detail:
-            x, depth, out = self.detail(c2w, x, intrinsics, surface)
+            x, depth = self.detail(c2w, x, intrinsics, surface)
             x = self.act(x)
         rgb = torch.sigmoid(self.head(x))
-        if head_output:
-            return rgb, depth, out
         return (rgb, depth) if with_depth else rgb
 
     # ---- files --------------------------------------------------------------------------------------

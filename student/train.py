@@ -17,7 +17,7 @@ from torch import Tensor
 from mg3d.checkpoint import CHECKPOINT, CHECKPOINT_META, check_finite, load_checkpoint, save_checkpoint
 from mg3d.scene import Scene
 from mg3d.student.distill import PseudoData
-from mg3d.student.model import NeLF, StudentError, StudentSpec, binned_depth_loss, macs_per_frame, parameter_count
+from mg3d.student.model import NeLF, StudentError, StudentSpec, macs_per_frame, parameter_count
 from mg3d.workspace import Workspace
 
 
@@ -256,13 +256,10 @@ def train(
             if cuda and config.mixed_precision:
                 target = target.contiguous(memory_format=torch.channels_last)
             with autocast:
-                pred, depth, head = net(c2w, intr, head_output=True) if spec.detail else (net(c2w, intr), None, None)
+                pred, depth = net(c2w, intr, with_depth=True) if spec.detail else (net(c2w, intr), None)
             loss = F.mse_loss(pred.float(), target)
             if depth is not None and config.depth_weight > 0:
-                if spec.depth_bins:  # the hard choice has no gradient from the image: the teacher's depth trains it
-                    loss = loss + config.depth_weight * binned_depth_loss(spec, head, surface)
-                else:
-                    loss = loss + config.depth_weight * depth_loss(spec, depth, surface)
+                loss = loss + config.depth_weight * depth_loss(spec, depth, surface)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             for g in optimizer.param_groups:
