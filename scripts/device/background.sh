@@ -7,6 +7,7 @@
 #   bash scripts/device/background.sh start 560 bash scripts/device/student_lego.sh 90 3000 1080 "tag:--set lr=0.001"
 #   bash scripts/device/background.sh wait 560
 set -uo pipefail
+[ $# -ge 2 ] || { echo "usage: background.sh start SECONDS COMMAND [ARGS ...] | background.sh wait SECONDS"; exit 2; }
 mode=$1 seconds=$2
 shift 2
 out=${OUT:-/tmp/out}
