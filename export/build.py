@@ -132,7 +132,7 @@ def export_target(workspace: Workspace, config: Any, out: Path) -> dict[str, Any
         "pose_convention": "opengl_c2w",
         "cameras": {"example_pose": views.test[0].tolist(), "scene_center": list(spec.center), "near": spec.near, "far": spec.far},
         "student": {
-            "depth": spec.depth, "width": spec.width, "samples": spec.samples, "frequencies": spec.frequencies, "planes": spec.planes, "detail": spec.detail, "sr_factor": spec.sr_factor,
+            "depth": spec.depth, "width": spec.width, "samples": spec.samples, "frequencies": spec.frequencies, "planes": spec.planes, "detail": spec.detail, "occupancy": spec.occupancy, "sr_factor": spec.sr_factor,
             "upsample": spec.upsample, "activation": spec.activation, "norm_folded": spec.norm != "none", "ray_grid": [gw, gh],
             "parameters": parameter_count(net), "gmacs_per_frame": round(macs_per_frame(spec) / 1e9, 3),
         },

@@ -39,6 +39,8 @@ class StudentConfig:
     detail: int = 0  # channels of the per-pixel surface-texture planes (0: none, as MobileR2L); needs the teacher's depth
     detail_resolution: int = 512  # cells per side of each detail plane
     depth_weight: float = 0.1  # weight of the L1 loss between the detail branch's depth and the teacher's (fraction of the sample range)
+    occupancy: int = 0  # detail students: cells per side of an occupancy grid baked from the teacher, through which each pixel's ray is marched for its first hit (0: none)
+    march_steps: int = 128  # steps of that march over the sample range
     sr_factor: int = 8  # super-resolution factor
     upsample: str = "shuffle"  # shuffle (depth-to-space; NNAPI-friendly) or transpose (MobileR2L)
     activation: str = "gelu_tanh"  # gelu_tanh (Tanh: NNAPI and Core ML run it) or gelu (exact; Erf, which NNAPI lacks)
@@ -63,14 +65,14 @@ class StudentConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("depth", "width", "samples", "sr_factor", "steps", "batch", "checkpoint_every"):
+        for name in ("depth", "width", "samples", "sr_factor", "steps", "batch", "checkpoint_every", "march_steps"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
         if self.plane_resolution < 2:
             raise ConfigError(f"plane_resolution {self.plane_resolution} is too small", hint="use 2 cells or more")
         if self.detail_resolution < 2:
             raise ConfigError(f"detail_resolution {self.detail_resolution} is too small", hint="use 2 cells or more")
-        for name in ("frequencies", "planes", "detail", "depth_weight", "max_time_s", "weight_decay", "warmup", "eval_views", "save_views", "preload_gb"):
+        for name in ("frequencies", "planes", "detail", "depth_weight", "occupancy", "max_time_s", "weight_decay", "warmup", "eval_views", "save_views", "preload_gb"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative")
         if self.compile not in ("auto", "on", "off"):

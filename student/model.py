@@ -63,6 +63,8 @@ class StudentSpec:
     plane_resolution: int = 128  # cells per side of each plane
     detail: int = 0  # per-pixel surface texture: channels of three planes read where each output pixel's ray meets the predicted surface (0: none)
     detail_resolution: int = 512  # cells per side of each detail plane
+    occupancy: int = 0  # detail students: cells per side of an occupancy grid (baked from the teacher) each pixel's ray is marched through for its first hit (0: none)
+    march_steps: int = 128  # fixed steps of that march over the sample range
 
     def __post_init__(self) -> None:
         check_resolution(self.width_px, self.height_px, self.sr_factor)
@@ -78,6 +80,8 @@ class StudentSpec:
             raise ConfigError("samples, depth and width must be positive; frequencies and planes not negative")
         if self.planes and self.plane_resolution < 2:
             raise ConfigError(f"plane_resolution {self.plane_resolution} is too small", hint="use 2 cells or more (128 is the default)")
+        if self.occupancy < 0 or (self.occupancy and not self.detail) or self.march_steps < 1:
+            raise ConfigError(f"occupancy {self.occupancy} needs the surface detail and march_steps ({self.march_steps}) at least 1", hint="set detail > 0 too, or occupancy=0")
         if self.detail < 0 or (self.detail and self.detail_resolution < 2):
             raise ConfigError(f"detail {self.detail} / detail_resolution {self.detail_resolution} are out of range", hint="use detail >= 0 and a resolution of 2 cells or more (512 is the default)")
         if not 0 < self.near < self.far:
@@ -271,6 +275,9 @@ class SurfaceDetail(nn.Module):
         nn.init.zeros_(self.depth.weight)  # starts at the middle of the sample range
         nn.init.zeros_(self.depth.bias)
         self.fuse = nn.Conv2d(channels + 3 * spec.detail, channels, 1)
+        if spec.occupancy:  # filled from the teacher (or the proxy's exact scene); saved with the weights
+            self.register_buffer("occupied", torch.zeros(spec.occupancy**3, dtype=torch.uint8))  # 0/1 (uint8: DDP and NCCL broadcast it)
+            self.register_buffer("march_t", distance_at(spec, (torch.arange(spec.march_steps, dtype=torch.float64) + 0.5) / spec.march_steps).float(), persistent=False)
 
     def forward(self, c2w: Tensor, features: Tensor, intrinsics: Tensor | None = None, surface: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """features [B, C, H, W] -> (fused features [B, C, H, W], distance along each pixel's ray [B, 1, H, W]).
@@ -280,16 +287,50 @@ class SurfaceDetail(nn.Module):
         p = spec.width_px * spec.height_px
         s = torch.sigmoid(self.depth(features).float())  # [B, 1, H, W]: fraction of the sample range
         with torch.autocast(c2w.device.type, enabled=False):  # positions and plane indices need fp32
-            t = (distance_at(spec, s) if surface is None else surface.float()).reshape(-1, 1, 1, p)  # [B, 1, 1, P]
             dirs = self.dirs.float() if intrinsics is None else grid_directions(spec, intrinsics, step=1)
             c2w = c2w.float()
             d = torch.matmul(c2w[:, :3, :3], dirs)  # [B, 3, P]
-            pts = c2w[:, :3, 3:4][:, :, None, :] + d[:, :, None, :] * t  # [B, 3, 1, P]
-            points = contract((pts - self.center.float().view(1, 3, 1, 1)) / spec.radius, dim=1)
-            feats = plane_features(points, self.planes, spec.detail_resolution, spec.plane_extent, 1, p)  # [B, 3, 1, C, P]
-        feats = feats.reshape(-1, 3 * spec.detail, spec.height_px, spec.width_px)
+
+        def read(t: Tensor) -> Tensor:
+            with torch.autocast(c2w.device.type, enabled=False):
+                pts = c2w[:, :3, 3:4][:, :, None, :] + d[:, :, None, :] * t  # [B, 3, 1, P]
+                points = contract((pts - self.center.float().view(1, 3, 1, 1)) / spec.radius, dim=1)
+                feats = plane_features(points, self.planes, spec.detail_resolution, spec.plane_extent, 1, p)  # [B, 3, 1, C, P]
+            return feats.reshape(-1, 3 * spec.detail, spec.height_px, spec.width_px)
+
+        if spec.occupancy and surface is None:
+            with torch.autocast(c2w.device.type, enabled=False):
+                hit, lo, hi = self.march(c2w[:, :3, 3:4][:, :, None, :], d[:, :, None, :])  # [B, 1, 1, P] each
+                s = s.reshape(-1, 1, 1, p)
+                t = torch.where(hit, lo + (hi - lo) * s, distance_at(spec, s))  # the learned depth, inside the window of the first hit
+        else:
+            t = (distance_at(spec, s) if surface is None else surface.float()).reshape(-1, 1, 1, p)  # [B, 1, 1, P]
+        feats = read(t)
         fused = self.fuse(torch.cat([features, feats.to(features.dtype)], 1))
         return fused, t.reshape(-1, 1, spec.height_px, spec.width_px)
+
+    def march_cameras(self, c2w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`march` for every pixel of cameras c2w [B, 4, 4] (baked intrinsics): hit, lo, hi [B, 1, H, W]."""
+        c2w = c2w.float()
+        d = torch.matmul(c2w[:, :3, :3], self.dirs.float())
+        out = self.march(c2w[:, :3, 3:4][:, :, None, :], d[:, :, None, :])
+        return tuple(x.reshape(-1, 1, self.spec.height_px, self.spec.width_px) for x in out)  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def march(self, origin: Tensor, d: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """March rays (origin [B, 3, 1, 1], directions [B, 3, 1, P]) through the occupancy grid at fixed steps:
+        (hit [B, 1, 1, P] bool, window [lo, hi] around the first occupied step)."""
+        spec, r, n = self.spec, self.spec.occupancy, self.spec.march_steps
+        ts = self.march_t  # [n]
+        x = (origin + d * ts.view(1, 1, n, 1) - self.center.float().view(1, 3, 1, 1)) / spec.radius  # [B, 3, n, P] in [-1, 1]^3
+        inside = (x.abs() < 1).all(1)  # [B, n, P]
+        g = ((x * 0.5 + 0.5) * r).floor().clamp(0, r - 1).int()
+        occ = (self.occupied[(g[:, 0] * r + g[:, 1]) * r + g[:, 2]] > 0) & inside  # [B, n, P]
+        first = occ.to(torch.uint8).argmax(1, keepdim=True)  # [B, 1, P]: the first occupied step (0 when none)
+        hit = occ.any(1, keepdim=True)
+        diagonal = 2 * math.sqrt(3) * spec.radius / r  # a cell's diagonal: the surface may lie that far past its entry
+        # from the step before the first occupied one (the surface entered the cell in between) to a diagonal past it
+        return hit.unsqueeze(1), ts[(first - 1).clamp(min=0)].unsqueeze(1), (ts[first] + diagonal).unsqueeze(1)
 
 
 class NeLF(nn.Module):

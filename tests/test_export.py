@@ -160,6 +160,32 @@ def test_surface_detail_exports_with_gathers_and_an_fp32_read_path(tmp_path: Pat
     assert -10 * np.log10(np.mean((low - got) ** 2)) > 40
 
 
+def test_occupancy_student_exports_with_its_march(tmp_path: Path) -> None:
+    """The occupancy grid and the march (Gather, ArgMax) go into the one graph: fp32 matches torch, and the
+    fp16 variant, which keeps the march in fp32, stays within 40 dB of it."""
+    from mg3d.export import onnxmodel as ox
+    from mg3d.student.model import NeLF, StudentSpec, fold_batchnorm
+
+    torch.manual_seed(0)
+    spec = StudentSpec(width_px=64, height_px=48, fx=70, fy=70, cx=32, cy=24, near=2, far=6, radius=1.5, depth=2, width=16, sr_factor=8, detail=4,
+                       detail_resolution=512, occupancy=32, march_steps=64)
+    model = NeLF(spec).eval()
+    torch.nn.init.normal_(model.detail.planes, std=0.5)
+    torch.nn.init.normal_(model.detail.depth.weight, std=0.5)
+    r = 32
+    cells = (np.stack(np.meshgrid(*[np.arange(r)] * 3, indexing="ij"), -1).reshape(-1, 3) + 0.5) / r * 2 - 1
+    model.detail.occupied.copy_(torch.from_numpy((np.linalg.norm(cells, axis=-1) < 0.6).astype(np.uint8)))  # a ball
+    hit = model.detail.march_cameras(torch.from_numpy(_ring_poses()))[0]
+    assert 0.05 < float(hit.float().mean()) < 0.95  # the ring's views see the ball and past it
+    graph = ox.export_fp32(fold_batchnorm(model), 17)
+    assert {"ArgMax", "Gather"} <= {n.op_type for n in graph.graph.node}
+    got = _matches_torch(model, graph, tmp_path / "fp32.onnx")
+    half = ox.to_fp16(graph, ox.encoding_nodes(graph, spec.in_channels) + ox.detail_nodes(graph))
+    onnx.save(half, str(tmp_path / "fp16.onnx"))
+    low = ox.render(ox.session(tmp_path / "fp16.onnx"), _ring_poses())
+    assert -10 * np.log10(np.mean((low - got) ** 2)) > 40
+
+
 def test_depth_to_space_rewrite_keeps_the_image() -> None:
     """PyTorch's pixel shuffle (CRD) becomes DCR, the order NNAPI takes, with the conv's channels permuted."""
     import io

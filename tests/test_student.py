@@ -286,6 +286,35 @@ def test_detail_on_pseudo_data_without_surfaces_says_to_redo_distill(ws: Path, c
     assert not (ws / "student").exists() and not list(ws.glob(".student.*"))
 
 
+def test_occupancy_is_baked_from_the_teacher(ws: Path, cli) -> None:
+    """--occupancy bakes the grid from the workspace's teacher (the tiny one here: cells where its density
+    is high), the march finds hits in it, and the grid travels with the weights."""
+    import torch
+
+    from mg3d.student.distill import PseudoData
+    from mg3d.student.model import NeLF
+
+    result = cli("student", ws, *SHORT, "--detail", "2", "--occupancy", "32", "--steps", "10")
+    assert result.exit_code == 0, result.output
+    fraction = read_manifest(ws, "student")["metrics"]["occupied_fraction"]
+    model = NeLF.load(ws)
+    assert 0 < fraction < 0.5 and float(model.detail.occupied.float().mean()) == pytest.approx(fraction, abs=1e-4)  # saved and loaded
+    data = PseudoData(ws / "distill")
+    c2w = torch.from_numpy(data.cameras[:6])
+    hit, lo, hi = model.detail.march_cameras(c2w)
+    assert 0.3 < float(hit.float().mean()) and bool((lo < hi).all())
+    with torch.no_grad():
+        _, depth = model(c2w, with_depth=True)
+    assert bool(((depth >= lo - 1e-4) & (depth <= hi + 1e-4))[hit].all())  # the depth stays in its window
+
+
+def test_occupancy_without_detail_is_refused(ws: Path, cli) -> None:
+    result = cli("student", ws, *SHORT, "--occupancy", "32")
+    assert result.exit_code != 0
+    one_line_error(result, "occupancy", "detail")
+    assert not (ws / "student").exists()
+
+
 def test_stage_order_is_enforced(tiny_demo_capture: Path, tmp_path: Path, cli) -> None:
     ws = Path(shutil.copytree(tiny_demo_capture, tmp_path / "ws"))
     result = cli("distill", ws, "--preset", "tiny")
@@ -421,3 +450,62 @@ def test_every_config_field_is_an_option(command: str, cli) -> None:
     help_text = cli(command, "--help").output
     for name in fields:
         assert f"--{name.replace('_', '-')}" in help_text, name
+
+
+def test_occupancy_march_finds_the_first_occupied_cell() -> None:
+    """Each pixel's ray is marched through the occupancy grid: the window it returns holds the distance where
+    the ray enters the first occupied cells; a ray that meets none has no hit."""
+    import torch
+
+    from mg3d.student.model import NeLF, StudentSpec
+
+    spec = StudentSpec(width_px=16, height_px=16, fx=40, fy=40, cx=8, cy=8, near=2.0, far=4.0, radius=1.0, depth=1, width=8, sr_factor=8,
+                       detail=2, detail_resolution=8, occupancy=8, march_steps=64)
+    model = NeLF(spec)
+    r = 8
+    i, j, k = np.meshgrid(*[np.arange(r)] * 3, indexing="ij")  # cells (x, y, z); centres at (index + 0.5) / 4 - 1
+    slab = (k == 5) & (np.abs(i - 3.5) < 1) & (np.abs(j - 3.5) < 1)  # z in [0.25, 0.5], x and y in [-0.25, 0.25]
+    model.detail.occupied.copy_(torch.from_numpy(slab.reshape(-1).astype(np.uint8)))
+    c2w = torch.eye(4)[None]
+    c2w[0, 2, 3] = 3.0  # at z = 3 looking down -z: the slab's top is 2.5 away
+    hit, lo, hi = (x.reshape(16, 16) for x in model.detail.march_cameras(c2w))
+    assert bool(hit[8, 8]) and not bool(hit[0, 0])  # the centre pixel sees the slab, a corner misses it
+    assert float(lo[8, 8]) <= 2.5 <= float(hi[8, 8]) and float(hi[8, 8] - lo[8, 8]) < 0.5
+
+
+def test_occupancy_makes_depth_right_at_occlusion_edges(tmp_path: Path) -> None:
+    """Five overlapping spheres: the regressed depth blends near and far surfaces at every occlusion edge. With
+    the rays marched through the (here exact) occupancy grid, the detail student learns much better images in
+    the same number of steps."""
+    import torch
+
+    from mg3d.student import StudentConfig
+    from mg3d.student.distill import PseudoData
+    from mg3d.student.model import NeLF, StudentSpec
+    from mg3d.student.synthetic import FIVE, textured_spheres
+    from mg3d.student.train import train
+
+    size = 64
+    textured_spheres(tmp_path / "data", 150, size, seed=0, spheres=FIVE)
+    data = PseudoData(tmp_path / "data")
+    test_images, test_c2w = textured_spheres(None, 6, size, seed=1, spheres=FIVE)
+    r = 32
+    c = (np.stack(np.meshgrid(*[np.arange(r)] * 3, indexing="ij"), -1).reshape(-1, 3) + 0.5) / r * 2 - 1
+    inside = np.zeros(len(c), bool)
+    for center, radius in FIVE:
+        inside |= np.linalg.norm(c - center, axis=-1) < radius + 1.0 / r
+    scores = {}
+    for occupancy in (0, r):
+        torch.manual_seed(0)
+        spec = StudentSpec(width_px=size, height_px=size, fx=data.meta["fx"], fy=data.meta["fx"], cx=size / 2, cy=size / 2, near=2.0, far=4.0, radius=1.0,
+                           depth=2, width=32, sr_factor=8, detail=4, detail_resolution=128, occupancy=occupancy, march_steps=64)
+        model = NeLF(spec)
+        if occupancy:  # exact: cells within half a cell of a sphere (mg3d student bakes it from the teacher)
+            model.detail.occupied.copy_(torch.from_numpy(inside.astype(np.uint8)))
+        config = StudentConfig(depth=2, width=32, detail=4, steps=300, batch=8, lr=3e-3, warmup=20, finetune_fraction=0, checkpoint_every=10**6, device="cpu")
+        train(model, data, None, config, tmp_path / f"run{occupancy}", "key", torch.device("cpu"))
+        model.eval()
+        with torch.no_grad():
+            pred = model(torch.from_numpy(test_c2w)).permute(0, 2, 3, 1).numpy()
+        scores[occupancy] = -10 * np.log10(np.mean((pred - test_images) ** 2))
+    assert scores[r] > scores[0] + 1.5, scores  # measured: 13.85 vs 16.22 dB
