@@ -263,6 +263,11 @@ class SurfaceDetail(nn.Module):
     depth), and three learned feature planes (xy, xz, yz) are read there: a texture atlas that every view of a
     surface point reads from the same cells, so it learns at the speed of a feature grid. Gather reads, no
     GridSample (see :func:`plane_features`); everything here runs in fp32 (indices into the planes).
+
+    A regressed depth is smooth across pixels, so at an occlusion edge it lands in the empty space between the
+    near and the far surface. With ``spec.occupancy`` each pixel's ray is marched through an occupancy grid
+    baked from the teacher (:meth:`march`) and the learned depth only places the surface inside the first
+    occupied cell: the edge is as sharp as the pixel grid.
     """
 
     def __init__(self, spec: StudentSpec, channels: int) -> None:
