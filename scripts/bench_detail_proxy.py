@@ -42,7 +42,7 @@ def main() -> None:
     from mg3d.student import StudentConfig
     from mg3d.student.distill import PseudoData
     from mg3d.student.model import NeLF, StudentSpec
-    from mg3d.student.synthetic import FAR, FIVE, NEAR, ONE, textured_spheres
+    from mg3d.student.synthetic import FAR, FIVE, NEAR, ONE, sphere_occupancy, textured_spheres
     from mg3d.student.train import train
 
     torch.set_num_threads(opts.threads)
@@ -56,13 +56,8 @@ def main() -> None:
                            sr_factor=8, detail=opts.detail, detail_resolution=opts.detail_resolution, occupancy=opts.occupancy)
         torch.manual_seed(0)
         model = NeLF(spec)
-        if opts.occupancy:  # exact: cells within half a cell of a sphere's surface or inside it (mg3d student bakes it from the teacher)
-            r = opts.occupancy
-            c = (np.stack(np.meshgrid(*[np.arange(r)] * 3, indexing="ij"), -1).reshape(-1, 3) + 0.5) / r * 2 - 1
-            inside = np.zeros(len(c), bool)
-            for center, radius in spheres:
-                inside |= np.linalg.norm(c - center, axis=-1) < radius + 1.0 / r
-            model.detail.occupied.copy_(torch.from_numpy(inside.astype(np.uint8)))
+        if opts.occupancy:  # the exact grid (mg3d student bakes it from the teacher)
+            model.detail.occupied.copy_(torch.from_numpy(sphere_occupancy(spheres, opts.occupancy)))
         config = StudentConfig(depth=4, width=64, detail=opts.detail, steps=opts.steps or 10**7, max_time_s=0 if opts.steps else opts.seconds, batch=8, lr=opts.lr, warmup=50,
                                finetune_fraction=0, checkpoint_every=10**7, device="cpu", depth_weight=opts.depth_weight)
         metrics = train(model, data, None, config, Path(tmp) / "run", "proxy", torch.device("cpu"))

@@ -280,7 +280,7 @@ class SurfaceDetail(nn.Module):
         nn.init.zeros_(self.depth.weight)  # starts at the middle of the sample range
         nn.init.zeros_(self.depth.bias)
         self.fuse = nn.Conv2d(channels + 3 * spec.detail, channels, 1)
-        if spec.occupancy:  # filled from the teacher (or the proxy's exact scene); saved with the weights
+        if spec.occupancy:  # filled from the teacher (or a synthetic scene's exact grid); saved with the weights
             self.register_buffer("occupied", torch.zeros(spec.occupancy**3, dtype=torch.uint8))  # 0/1 (uint8: DDP and NCCL broadcast it)
             self.register_buffer("march_t", distance_at(spec, (torch.arange(spec.march_steps, dtype=torch.float64) + 0.5) / spec.march_steps).float(), persistent=False)
 
@@ -294,23 +294,17 @@ class SurfaceDetail(nn.Module):
         with torch.autocast(c2w.device.type, enabled=False):  # positions and plane indices need fp32
             dirs = self.dirs.float() if intrinsics is None else grid_directions(spec, intrinsics, step=1)
             c2w = c2w.float()
-            d = torch.matmul(c2w[:, :3, :3], dirs)  # [B, 3, P]
-
-        def read(t: Tensor) -> Tensor:
-            with torch.autocast(c2w.device.type, enabled=False):
-                pts = c2w[:, :3, 3:4][:, :, None, :] + d[:, :, None, :] * t  # [B, 3, 1, P]
-                points = contract((pts - self.center.float().view(1, 3, 1, 1)) / spec.radius, dim=1)
-                feats = plane_features(points, self.planes, spec.detail_resolution, spec.plane_extent, 1, p)  # [B, 3, 1, C, P]
-            return feats.reshape(-1, 3 * spec.detail, spec.height_px, spec.width_px)
-
-        if spec.occupancy and surface is None:
-            with torch.autocast(c2w.device.type, enabled=False):
-                hit, lo, hi = self.march(c2w[:, :3, 3:4][:, :, None, :], d[:, :, None, :])  # [B, 1, 1, P] each
+            d = torch.matmul(c2w[:, :3, :3], dirs)[:, :, None, :]  # [B, 3, 1, P]
+            origin = c2w[:, :3, 3:4][:, :, None, :]  # [B, 3, 1, 1]
+            if spec.occupancy and surface is None:
+                hit, lo, hi = self.march(origin, d)  # [B, 1, 1, P] each
                 s = s.reshape(-1, 1, 1, p)
                 t = torch.where(hit, lo + (hi - lo) * s, distance_at(spec, s))  # the learned depth, inside the window of the first hit
-        else:
-            t = (distance_at(spec, s) if surface is None else surface.float()).reshape(-1, 1, 1, p)  # [B, 1, 1, P]
-        feats = read(t)
+            else:
+                t = (distance_at(spec, s) if surface is None else surface.float()).reshape(-1, 1, 1, p)  # [B, 1, 1, P]
+            points = contract((origin + d * t - self.center.float().view(1, 3, 1, 1)) / spec.radius, dim=1)  # [B, 3, 1, P]
+            feats = plane_features(points, self.planes, spec.detail_resolution, spec.plane_extent, 1, p)  # [B, 3, 1, C, P]
+        feats = feats.reshape(-1, 3 * spec.detail, spec.height_px, spec.width_px)
         fused = self.fuse(torch.cat([features, feats.to(features.dtype)], 1))
         return fused, t.reshape(-1, 1, spec.height_px, spec.width_px)
 

@@ -2,7 +2,8 @@
 ``mg3d distill`` format (images, the surface distance of every pixel, cameras, ``distill.json``).
 
 It isolates one question from the teacher's quality: can a student learn detail finer than its ray grid?
-``tests/test_student.py`` and ``scripts/bench_detail_proxy.py`` use it.
+``tests/test_student.py`` and ``scripts/bench_detail_proxy.py`` use it (and :func:`sphere_occupancy`, the scene's
+exact occupancy grid for the ``occupancy`` option).
 
     images, c2w = textured_spheres(Path("data"), views=600, size=128, seed=0)   # then PseudoData(Path("data"))
 """
@@ -66,3 +67,14 @@ def textured_spheres(folder: Path | None, views: int, size: int, seed: int, sphe
                 "bound": 1.0, "background": [1.0, 1.0, 1.0], "source": "teacher"}
         (folder / "distill.json").write_text(json.dumps(meta))
     return images, c2w
+
+
+def sphere_occupancy(spheres: tuple, resolution: int) -> np.ndarray:
+    """The exact occupancy grid [R^3] uint8 of ``spheres`` over [-1, 1]^3 (x slowest, as the student's march
+    reads it): cells whose centre lies inside a sphere or within half a cell of it."""
+    r = resolution
+    centres = (np.stack(np.meshgrid(*[np.arange(r)] * 3, indexing="ij"), -1).reshape(-1, 3) + 0.5) / r * 2 - 1
+    inside = np.zeros(len(centres), bool)
+    for center, radius in spheres:
+        inside |= np.linalg.norm(centres - center, axis=-1) < radius + 1.0 / r
+    return inside.astype(np.uint8)

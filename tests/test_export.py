@@ -165,6 +165,7 @@ def test_occupancy_student_exports_with_its_march(tmp_path: Path) -> None:
     fp16 variant, which keeps the march in fp32, stays within 40 dB of it."""
     from mg3d.export import onnxmodel as ox
     from mg3d.student.model import NeLF, StudentSpec, fold_batchnorm
+    from mg3d.student.synthetic import sphere_occupancy
 
     torch.manual_seed(0)
     spec = StudentSpec(width_px=64, height_px=48, fx=70, fy=70, cx=32, cy=24, near=2, far=6, radius=1.5, depth=2, width=16, sr_factor=8, detail=4,
@@ -172,9 +173,7 @@ def test_occupancy_student_exports_with_its_march(tmp_path: Path) -> None:
     model = NeLF(spec).eval()
     torch.nn.init.normal_(model.detail.planes, std=0.5)
     torch.nn.init.normal_(model.detail.depth.weight, std=0.5)
-    r = 32
-    cells = (np.stack(np.meshgrid(*[np.arange(r)] * 3, indexing="ij"), -1).reshape(-1, 3) + 0.5) / r * 2 - 1
-    model.detail.occupied.copy_(torch.from_numpy((np.linalg.norm(cells, axis=-1) < 0.6).astype(np.uint8)))  # a ball
+    model.detail.occupied.copy_(torch.from_numpy(sphere_occupancy(((np.zeros(3), 0.6 - 1 / 32),), 32)))  # a ball of radius 0.6
     hit = model.detail.march_cameras(torch.from_numpy(_ring_poses()))[0]
     assert 0.05 < float(hit.float().mean()) < 0.95  # the ring's views see the ball and past it
     graph = ox.export_fp32(fold_batchnorm(model), 17)

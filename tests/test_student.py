@@ -482,7 +482,7 @@ def test_occupancy_makes_depth_right_at_occlusion_edges(tmp_path: Path) -> None:
     from mg3d.student import StudentConfig
     from mg3d.student.distill import PseudoData
     from mg3d.student.model import NeLF, StudentSpec
-    from mg3d.student.synthetic import FIVE, textured_spheres
+    from mg3d.student.synthetic import FIVE, sphere_occupancy, textured_spheres
     from mg3d.student.train import train
 
     size = 64
@@ -490,10 +490,6 @@ def test_occupancy_makes_depth_right_at_occlusion_edges(tmp_path: Path) -> None:
     data = PseudoData(tmp_path / "data")
     test_images, test_c2w = textured_spheres(None, 6, size, seed=1, spheres=FIVE)
     r = 32
-    c = (np.stack(np.meshgrid(*[np.arange(r)] * 3, indexing="ij"), -1).reshape(-1, 3) + 0.5) / r * 2 - 1
-    inside = np.zeros(len(c), bool)
-    for center, radius in FIVE:
-        inside |= np.linalg.norm(c - center, axis=-1) < radius + 1.0 / r
     scores = {}
     for occupancy in (0, r):
         torch.manual_seed(0)
@@ -501,7 +497,7 @@ def test_occupancy_makes_depth_right_at_occlusion_edges(tmp_path: Path) -> None:
                            depth=2, width=32, sr_factor=8, detail=4, detail_resolution=128, occupancy=occupancy, march_steps=64)
         model = NeLF(spec)
         if occupancy:  # exact: cells within half a cell of a sphere (mg3d student bakes it from the teacher)
-            model.detail.occupied.copy_(torch.from_numpy(inside.astype(np.uint8)))
+            model.detail.occupied.copy_(torch.from_numpy(sphere_occupancy(FIVE, r)))
         config = StudentConfig(depth=2, width=32, detail=4, steps=300, batch=8, lr=3e-3, warmup=20, finetune_fraction=0, checkpoint_every=10**6, device="cpu")
         train(model, data, None, config, tmp_path / f"run{occupancy}", "key", torch.device("cpu"))
         model.eval()
