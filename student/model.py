@@ -284,10 +284,11 @@ class SurfaceDetail(nn.Module):
             self.register_buffer("occupied", torch.zeros(spec.occupancy**3, dtype=torch.uint8))  # 0/1 (uint8: DDP and NCCL broadcast it)
             self.register_buffer("march_t", distance_at(spec, (torch.arange(spec.march_steps, dtype=torch.float64) + 0.5) / spec.march_steps).float(), persistent=False)
 
-    def forward(self, c2w: Tensor, features: Tensor, intrinsics: Tensor | None = None, surface: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward(self, c2w: Tensor, features: Tensor, intrinsics: Tensor | None = None, surface: Tensor | None = None, first: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """features [B, C, H, W] -> (fused features [B, C, H, W], distance along each pixel's ray [B, 1, H, W]).
         ``surface`` [B, 1, H, W]: read the planes at these distances instead of the predicted ones (a diagnostic:
-        how much of the error is the predicted depth's)."""
+        how much of the error is the predicted depth's). ``first`` [B, 1, H, W]: the march's result for these
+        cameras (:meth:`first_hits`), computed once per training view instead of at every step."""
         spec = self.spec
         p = spec.width_px * spec.height_px
         s = torch.sigmoid(self.depth(features).float())  # [B, 1, H, W]: fraction of the sample range
@@ -297,7 +298,7 @@ class SurfaceDetail(nn.Module):
             d = torch.matmul(c2w[:, :3, :3], dirs)[:, :, None, :]  # [B, 3, 1, P]
             origin = c2w[:, :3, 3:4][:, :, None, :]  # [B, 3, 1, 1]
             if spec.occupancy and surface is None:
-                hit, lo, hi = self.march(origin, d)  # [B, 1, 1, P] each
+                hit, lo, hi = self.window(self.march(origin, d) if first is None else first.reshape(-1, 1, 1, p))  # [B, 1, 1, P] each
                 s = s.reshape(-1, 1, 1, p)
                 t = torch.where(hit, lo + (hi - lo) * s, distance_at(spec, s))  # the learned depth, inside the window of the first hit
             else:
@@ -308,28 +309,37 @@ class SurfaceDetail(nn.Module):
         fused = self.fuse(torch.cat([features, feats.to(features.dtype)], 1))
         return fused, t.reshape(-1, 1, spec.height_px, spec.width_px)
 
-    def march_cameras(self, c2w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """:meth:`march` for every pixel of cameras c2w [B, 4, 4] (baked intrinsics): hit, lo, hi [B, 1, H, W]."""
+    @torch.no_grad()
+    def first_hits(self, c2w: Tensor, intrinsics: Tensor | None = None) -> Tensor:
+        """:meth:`march` for every pixel of cameras c2w [B, 4, 4]: the first occupied step [B, 1, H, W]."""
+        dirs = self.dirs.float() if intrinsics is None else grid_directions(self.spec, intrinsics, step=1)
         c2w = c2w.float()
-        d = torch.matmul(c2w[:, :3, :3], self.dirs.float())
-        out = self.march(c2w[:, :3, 3:4][:, :, None, :], d[:, :, None, :])
-        return tuple(x.reshape(-1, 1, self.spec.height_px, self.spec.width_px) for x in out)  # type: ignore[return-value]
+        d = torch.matmul(c2w[:, :3, :3], dirs)
+        return self.march(c2w[:, :3, 3:4][:, :, None, :], d[:, :, None, :]).reshape(-1, 1, self.spec.height_px, self.spec.width_px)
+
+    def march_cameras(self, c2w: Tensor, intrinsics: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """The windows of :meth:`window` for every pixel of cameras c2w [B, 4, 4]: hit, lo, hi [B, 1, H, W]."""
+        return self.window(self.first_hits(c2w, intrinsics))
 
     @torch.no_grad()
-    def march(self, origin: Tensor, d: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def march(self, origin: Tensor, d: Tensor) -> Tensor:
         """March rays (origin [B, 3, 1, 1], directions [B, 3, 1, P]) through the occupancy grid at fixed steps:
-        (hit [B, 1, 1, P] bool, window [lo, hi] around the first occupied step)."""
+        the first occupied step [B, 1, 1, P] (int64; ``march_steps`` when the ray meets none)."""
         spec, r, n = self.spec, self.spec.occupancy, self.spec.march_steps
-        ts = self.march_t  # [n]
-        x = (origin + d * ts.view(1, 1, n, 1) - self.center.float().view(1, 3, 1, 1)) / spec.radius  # [B, 3, n, P] in [-1, 1]^3
+        x = (origin + d * self.march_t.view(1, 1, n, 1) - self.center.float().view(1, 3, 1, 1)) / spec.radius  # [B, 3, n, P] in [-1, 1]^3
         inside = (x.abs() < 1).all(1)  # [B, n, P]
         g = ((x * 0.5 + 0.5) * r).floor().clamp(0, r - 1).int()
         occ = (self.occupied[(g[:, 0] * r + g[:, 1]) * r + g[:, 2]] > 0) & inside  # [B, n, P]
         first = occ.to(torch.uint8).argmax(1, keepdim=True)  # [B, 1, P]: the first occupied step (0 when none)
-        hit = occ.any(1, keepdim=True)
-        diagonal = 2 * math.sqrt(3) * spec.radius / r  # a cell's diagonal: the surface may lie that far past its entry
-        # from the step before the first occupied one (the surface entered the cell in between) to a diagonal past it
-        return hit.unsqueeze(1), ts[(first - 1).clamp(min=0)].unsqueeze(1), (ts[first] + diagonal).unsqueeze(1)
+        return torch.where(occ.any(1, keepdim=True), first, n).unsqueeze(1)
+
+    def window(self, first: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """First occupied steps (any shape) -> (hit, lo, hi) of that shape: from the step before (the surface
+        entered the cell in between) to one cell diagonal past it (it may lie that far inside)."""
+        n, ts = self.spec.march_steps, self.march_t
+        first = first.long()
+        diagonal = 2 * math.sqrt(3) * self.spec.radius / self.spec.occupancy
+        return first < n, ts[(first - 1).clamp(0, n - 1)], ts[first.clamp(max=n - 1)] + diagonal
 
 
 class NeLF(nn.Module):
@@ -385,16 +395,17 @@ class NeLF(nn.Module):
             x = torch.cat([x, feats.reshape(-1, 3 * spec.samples * spec.planes, gh, gw)], 1)
         return x
 
-    def forward(self, c2w: Tensor, intrinsics: Tensor | None = None, with_depth: bool = False, surface: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor | None]:
+    def forward(self, c2w: Tensor, intrinsics: Tensor | None = None, with_depth: bool = False, surface: Tensor | None = None, first: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor | None]:
         """Images rgb [B, 3, H, W] in [0, 1] for OpenGL cameras c2w [B, 4, 4] (intrinsics [B, 4] optional).
         ``with_depth``: (rgb, distance along each pixel's ray [B, 1, H, W], or None without ``detail``).
-        ``surface``: given distances for the detail planes instead of the predicted ones (:class:`SurfaceDetail`)."""
+        ``surface``, ``first``: given distances for the detail planes instead of the predicted ones, and the
+        occupancy march's result for these cameras (:class:`SurfaceDetail`)."""
         with torch.autocast(c2w.device.type, enabled=False):  # the phases of 2^5 x need fp32, not bf16 (ulp 0.25 at 32)
             x = self.encode(c2w, intrinsics)
         x = self.upsampler(self.act(self.blocks(self.stem(x))))
         depth = None
         if self.spec.detail:
-            x, depth = self.detail(c2w, x, intrinsics, surface)
+            x, depth = self.detail(c2w, x, intrinsics, surface, first)
             x = self.act(x)
         rgb = torch.sigmoid(self.head(x))
         return (rgb, depth) if with_depth else rgb

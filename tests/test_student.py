@@ -471,6 +471,13 @@ def test_occupancy_march_finds_the_first_occupied_cell() -> None:
     hit, lo, hi = (x.reshape(16, 16) for x in model.detail.march_cameras(c2w))
     assert bool(hit[8, 8]) and not bool(hit[0, 0])  # the centre pixel sees the slab, a corner misses it
     assert float(lo[8, 8]) <= 2.5 <= float(hi[8, 8]) and float(hi[8, 8] - lo[8, 8]) < 0.5
+    # training marches each view once and passes the result in: the same images as marching in the forward
+    c2w = torch.cat([c2w, c2w @ torch.tensor([[0.8, 0.0, 0.6, 0.0], [0.0, 1.0, 0.0, 0.0], [-0.6, 0.0, 0.8, 0.0], [0.0, 0.0, 0.0, 1.0]])])
+    intr = torch.tensor([[40.0, 40.0, 8.0, 8.0], [30.0, 30.0, 7.0, 9.0]])
+    first = model.detail.first_hits(c2w, intr)
+    assert bool((first < spec.march_steps).any()) and bool((first == spec.march_steps).any())
+    with torch.no_grad():
+        assert torch.equal(model(c2w, intr, first=first.to(torch.uint8)), model(c2w, intr))
 
 
 def test_occupancy_makes_depth_right_at_occlusion_edges(tmp_path: Path) -> None:

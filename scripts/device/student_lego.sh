@@ -31,6 +31,8 @@ for variant in "$@"; do  # "tag:args" trains and evaluates; "tag+speed:args" als
   args=${variant#*:}
   phases=student
   case $tag in *+speed) tag=${tag%+speed} phases=student,speed ;; esac
+  # side by side, the speed is timed after every variant has finished (no other training on the GPU then)
+  if [ "${PARALLEL:-0}" = 1 ] && [ $phases = student,speed ]; then phases=student timed="${timed:-} $tag"; fi
   # shellcheck disable=SC2086  # args holds several --set options
   vws=$ws
   if [ "${PARALLEL:-0}" = 1 ]; then vws=${ws}_$tag && rm -rf "$vws" && cp -a "$ws" "$vws"; fi  # a workspace each: one student stage per workspace
@@ -38,6 +40,10 @@ for variant in "$@"; do  # "tag:args" trains and evaluates; "tag+speed:args" als
   if [ "${PARALLEL:-0}" = 1 ]; then run & else run; fi
 done
 wait
+for t in ${timed:-}; do
+  # shellcheck disable=SC2086
+  python3 scripts/bench_student.py "${ws}_$t" --phases speed --tag "$t" --repeats 20 --out "$out" ${BENCH_ARGS:-} 2>&1 | grep -v "━" | tee -a "$out/log_$t.txt"
+done
 # the last variant's student and the teacher, in fp16, cut into parts under the 16 MiB a returned file may
 # have (join with cat): CPU export and speed checks on the developer's machine
 python3 - "${vws:-$ws}" "${OUT:-/tmp/out}" "${tag:-}" <<'PY'
