@@ -90,10 +90,12 @@ def bake_occupancy(model: NeLF, field_folder: Path, device: torch.device, alpha:
 
 
 @torch.no_grad()
-def first_hits(model: NeLF, c2w: Tensor, intrinsics: Tensor | None, store: torch.device, chunk: int = 8) -> Tensor:
+def first_hits(model: NeLF, c2w: Tensor, intrinsics: Tensor | None, store: torch.device) -> Tensor:
     """The occupancy march of every pixel of cameras c2w [N, 4, 4] (intrinsics [N, 4] or None: the baked
     ones): first occupied steps [N, 1, H, W], uint8 (int16 past 254 steps), kept on ``store``."""
-    dtype = torch.uint8 if model.spec.march_steps < 255 else torch.int16
+    spec = model.spec
+    dtype = torch.uint8 if spec.march_steps < 255 else torch.int16
+    chunk = max(1, (1 << 26) // (spec.width_px * spec.height_px * spec.march_steps))  # views at once: ~0.8 GB of march positions [views, 3, steps, pixels]
     parts = [model.detail.first_hits(c2w[i : i + chunk], None if intrinsics is None else intrinsics[i : i + chunk]).to(dtype).to(store) for i in range(0, len(c2w), chunk)]
     return torch.cat(parts)
 

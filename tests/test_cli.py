@@ -102,3 +102,25 @@ def test_debug_shows_the_traceback(tmp_path: Path) -> None:
 
     with pytest.raises(InputError):
         CliRunner().invoke(main, ["--debug", "capture", str(tmp_path / "none"), "--out", str(tmp_path / "ws")], catch_exceptions=False)
+
+
+def test_progress_prints_plain_lines_off_a_terminal() -> None:
+    """Off a terminal (logs, CI, background jobs) rich draws nothing until a bar ends: progress bars print a
+    plain line per task every so often instead, with the task's fields; on a terminal they do not."""
+    import io
+
+    from rich.console import Console
+
+    from mg3d.ui import LoggedProgress
+
+    for terminal in (False, True):
+        out = io.StringIO()
+        with LoggedProgress(console=Console(file=out, force_terminal=terminal, width=100), every=0.0) as bar:
+            task = bar.add_task("student", total=10, loss=float("nan"))
+            bar.update(task, completed=3, loss=0.25)
+            bar.advance(task)
+        lines = [line for line in out.getvalue().splitlines() if line.startswith("student: ")]
+        if terminal:
+            assert not lines
+        else:
+            assert lines[0].startswith("student: 3/10, ") and "loss 0.25" in lines[0] and lines[1].startswith("student: 4/10, "), lines
