@@ -245,7 +245,8 @@ def train(
     if config.compile == "on" or (config.compile == "auto" and cuda):
         net = torch.compile(net)  # fuses the GELUs and residual adds; same weights, same maths
 
-    preload = data.nbytes + (data.surface_nbytes if spec.detail else 0) < config.preload_gb * 1e9  # what goes to the device
+    march_nbytes = len(data) * spec.width_px * spec.height_px * (1 if spec.march_steps < 255 else 2) if spec.occupancy else 0  # :func:`first_hits`
+    preload = data.nbytes + (data.surface_nbytes if spec.detail else 0) + march_nbytes < config.preload_gb * 1e9  # what goes to the device
     pseudo = torch.from_numpy(data.all_images()).to(device) if preload else None
     surfaces = torch.from_numpy(data.all_surfaces()).to(device) if preload and spec.detail else None
     cameras = torch.from_numpy(data.cameras).to(device)
