@@ -65,25 +65,22 @@ def main() -> None:
 
 def onnx_cost(model, threads: int, runs: int = 10) -> dict:
     """fp32 ONNX size and median onnxruntime latency of ``model`` (BatchNorm folded) on this CPU."""
-    import onnxruntime as ort
+    import tempfile
 
-    from mg3d.export.onnxmodel import export_fp32
+    import onnx
+
+    from mg3d.bench.runners import latency_stats, time_runs
+    from mg3d.export.onnxmodel import export_fp32, session
     from mg3d.student.model import fold_batchnorm
 
     graph = export_fp32(fold_batchnorm(model))
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    session = ort.InferenceSession(graph.SerializeToString(), options, providers=["CPUExecutionProvider"])
     c2w = np.eye(4, dtype=np.float32)[None]
     c2w[0, 2, 3] = (model.spec.near + model.spec.far) / 2
-    for _ in range(3):
-        session.run(None, {"c2w": c2w})
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        session.run(None, {"c2w": c2w})
-        times.append(time.perf_counter() - start)
-    return {"onnx_mb": round(graph.ByteSize() / 1e6, 2), "onnx_ms": round(1000 * float(np.median(times)), 1)}
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx.save(graph, f"{tmp}/model.onnx")
+        sess = session(Path(tmp) / "model.onnx", threads)
+        _, times = time_runs(lambda: sess.run(None, {"c2w": c2w}), warmup=3, runs=runs)
+    return {"onnx_mb": round(graph.ByteSize() / 1e6, 2), "onnx_ms": latency_stats(times)["median_ms"]}
 
 
 if __name__ == "__main__":

@@ -293,10 +293,7 @@ class SurfaceDetail(nn.Module):
         p = spec.width_px * spec.height_px
         s = torch.sigmoid(self.depth(features).float())  # [B, 1, H, W]: fraction of the sample range
         with torch.autocast(c2w.device.type, enabled=False):  # positions and plane indices need fp32
-            dirs = self.dirs.float() if intrinsics is None else grid_directions(spec, intrinsics, step=1)
-            c2w = c2w.float()
-            d = torch.matmul(c2w[:, :3, :3], dirs)[:, :, None, :]  # [B, 3, 1, P]
-            origin = c2w[:, :3, 3:4][:, :, None, :]  # [B, 3, 1, 1]
+            origin, d = self.rays(c2w, intrinsics)
             if spec.occupancy and surface is None:
                 hit, lo, hi = self.window(self.march(origin, d) if first is None else first.reshape(-1, 1, 1, p))  # [B, 1, 1, P] each
                 s = s.reshape(-1, 1, 1, p)
@@ -309,13 +306,16 @@ class SurfaceDetail(nn.Module):
         fused = self.fuse(torch.cat([features, feats.to(features.dtype)], 1))
         return fused, t.reshape(-1, 1, spec.height_px, spec.width_px)
 
+    def rays(self, c2w: Tensor, intrinsics: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """fp32 origins [B, 3, 1, 1] and directions [B, 3, 1, P] of every output pixel's ray."""
+        dirs = self.dirs.float() if intrinsics is None else grid_directions(self.spec, intrinsics, step=1)
+        c2w = c2w.float()
+        return c2w[:, :3, 3:4][:, :, None, :], torch.matmul(c2w[:, :3, :3], dirs)[:, :, None, :]
+
     @torch.no_grad()
     def first_hits(self, c2w: Tensor, intrinsics: Tensor | None = None) -> Tensor:
         """:meth:`march` for every pixel of cameras c2w [B, 4, 4]: the first occupied step [B, 1, H, W]."""
-        dirs = self.dirs.float() if intrinsics is None else grid_directions(self.spec, intrinsics, step=1)
-        c2w = c2w.float()
-        d = torch.matmul(c2w[:, :3, :3], dirs)
-        return self.march(c2w[:, :3, 3:4][:, :, None, :], d[:, :, None, :]).reshape(-1, 1, self.spec.height_px, self.spec.width_px)
+        return self.march(*self.rays(c2w, intrinsics)).reshape(-1, 1, self.spec.height_px, self.spec.width_px)
 
     def march_cameras(self, c2w: Tensor, intrinsics: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """The windows of :meth:`window` for every pixel of cameras c2w [B, 4, 4]: hit, lo, hi [B, 1, H, W]."""

@@ -89,14 +89,18 @@ def bake_occupancy(model: NeLF, field_folder: Path, device: torch.device, alpha:
     return float(occupied.float().mean())
 
 
+def march_dtype(spec: StudentSpec) -> torch.dtype:
+    """How :func:`first_hits` stores a march's first occupied step (``march_steps`` for none)."""
+    return torch.uint8 if spec.march_steps < 255 else torch.int16
+
+
 @torch.no_grad()
 def first_hits(model: NeLF, c2w: Tensor, intrinsics: Tensor | None, store: torch.device) -> Tensor:
     """The occupancy march of every pixel of cameras c2w [N, 4, 4] (intrinsics [N, 4] or None: the baked
-    ones): first occupied steps [N, 1, H, W], uint8 (int16 past 254 steps), kept on ``store``."""
+    ones): first occupied steps [N, 1, H, W] in :func:`march_dtype`, kept on ``store``."""
     spec = model.spec
-    dtype = torch.uint8 if spec.march_steps < 255 else torch.int16
     chunk = max(1, (1 << 26) // (spec.width_px * spec.height_px * spec.march_steps))  # views at once: ~0.8 GB of march positions [views, 3, steps, pixels]
-    parts = [model.detail.first_hits(c2w[i : i + chunk], None if intrinsics is None else intrinsics[i : i + chunk]).to(dtype).to(store) for i in range(0, len(c2w), chunk)]
+    parts = [model.detail.first_hits(c2w[i : i + chunk], None if intrinsics is None else intrinsics[i : i + chunk]).to(march_dtype(spec)).to(store) for i in range(0, len(c2w), chunk)]
     return torch.cat(parts)
 
 
@@ -245,7 +249,7 @@ def train(
     if config.compile == "on" or (config.compile == "auto" and cuda):
         net = torch.compile(net)  # fuses the GELUs and residual adds; same weights, same maths
 
-    march_nbytes = len(data) * spec.width_px * spec.height_px * (1 if spec.march_steps < 255 else 2) if spec.occupancy else 0  # :func:`first_hits`
+    march_nbytes = len(data) * spec.width_px * spec.height_px * march_dtype(spec).itemsize if spec.occupancy else 0  # :func:`first_hits`
     preload = data.nbytes + (data.surface_nbytes if spec.detail else 0) + march_nbytes < config.preload_gb * 1e9  # what goes to the device
     pseudo = torch.from_numpy(data.all_images()).to(device) if preload else None
     surfaces = torch.from_numpy(data.all_surfaces()).to(device) if preload and spec.detail else None
