@@ -59,7 +59,7 @@ def main() -> None:
         torch.manual_seed(0)
         model = NeLF(spec)
         if opts.occupancy:  # the exact grid (mg3d student bakes it from the teacher)
-            model.detail.occupied.copy_(torch.from_numpy(sphere_occupancy(spheres, opts.occupancy)))
+            model.detail.set_occupancy(torch.from_numpy(sphere_occupancy(spheres, opts.occupancy)))
         config = StudentConfig(depth=4, width=64, detail=opts.detail, steps=opts.steps or 10**7, max_time_s=0 if opts.steps else opts.seconds, batch=8, lr=opts.lr, warmup=50,
                                finetune_fraction=0, checkpoint_every=10**7, device="cpu", depth_weight=opts.depth_weight)
         metrics = train(model, data, None, config, Path(tmp) / "run", "proxy", torch.device("cpu"))

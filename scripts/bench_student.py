@@ -14,6 +14,7 @@ Writes ``<out>/<phase>[_<tag>].json`` and a few side-by-side PNGs.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import shutil
@@ -41,9 +42,57 @@ def _timed(fn, repeats: int, cuda: bool) -> float:
     return statistics.median(times)
 
 
-def speed(ws: Path, student_dir: Path, repeats: int, threads: int, onnx_models: tuple[Path, ...] = ()) -> dict:
+def _student_times(model, pose, repeats: int, cuda: bool, prefix: str = "student", eager: bool = True) -> dict:
+    """Frame times (ms) of one student: on CUDA fp16 with BatchNorm folded into the convs under CUDA graphs
+    (how it ships), and with ``eager`` also eager fp16 (unfolded), bf16 autocast and fp32; on a CPU fp32."""
+    import torch
+
+    from mg3d.student.model import fold_batchnorm
+
+    result = {}
+    if cuda:
+        folded = fold_batchnorm(model).half().to(memory_format=torch.channels_last)
+        try:
+            graphed = torch.compile(folded, mode="reduce-overhead")  # CUDA graphs: no per-layer launch cost
+            result[f"{prefix}_fp16_folded_cudagraph_ms"] = 1000 * _timed(lambda: graphed(pose.half()), repeats, cuda)
+        except Exception as exc:  # noqa: BLE001 - a compiler failure loses one row, not the run
+            result[f"{prefix}_fp16_cudagraph_error"] = f"{exc.__class__.__name__}: {str(exc)[:200]}"
+        if not eager:
+            return result
+        half = copy.deepcopy(model).half().to(memory_format=torch.channels_last)
+        result[f"{prefix}_fp16_ms"] = 1000 * _timed(lambda: half(pose.half()), repeats, cuda)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            result[f"{prefix}_bf16_autocast_ms"] = 1000 * _timed(lambda: model(pose), repeats, cuda)
+    result[f"{prefix}_fp32_ms"] = 1000 * _timed(lambda: model(pose), repeats, cuda)
+    print(prefix, json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}), flush=True)
+    return result
+
+
+def _kernel_table(model, pose, rows: int = 15) -> list[list]:
+    """The CUDA kernels of one fp16 frame of ``model`` (BatchNorm folded, eager) that take the most time:
+    [name, calls, total µs]."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from mg3d.student.model import fold_batchnorm
+
+    folded = fold_batchnorm(model).half().to(memory_format=torch.channels_last)
+    for _ in range(3):
+        folded(pose.half())
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        folded(pose.half())
+        torch.cuda.synchronize()
+    events = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)
+    return [[e.key[:90], e.count, round(e.device_time_total, 1)] for e in events[:rows]]
+
+
+def speed(ws: Path, student_dir: Path, repeats: int, threads: int, onnx_models: tuple[Path, ...] = (), variants: tuple[str, ...] = (), kernels: bool = False) -> dict:
     """Student vs teacher frame time at the student's resolution on one held-out camera (and the student's
-    exported ONNX files ``onnx_models`` on onnxruntime)."""
+    exported ONNX files ``onnx_models`` on onnxruntime). ``variants`` ("key=value,key=value"): students of
+    this spec changed so, random weights (a frame costs the same whatever the weights), timed alongside."""
+    import dataclasses
+
     import torch
 
     from mg3d.formats.nerfstudio import load_nerfstudio
@@ -67,27 +116,27 @@ def speed(ws: Path, student_dir: Path, repeats: int, threads: int, onnx_models: 
     pose = c2w[None].to(device)
     result = {"resolution": [w, h], "device": torch.cuda.get_device_name() if cuda else f"{platform.processor() or 'cpu'} ({torch.get_num_threads()} threads)"}
     with torch.no_grad():
-        if cuda:
-            half = NeLF.load(student_dir, device).eval().half().to(memory_format=torch.channels_last)
-            result["student_fp16_ms"] = 1000 * _timed(lambda: half(pose.half()), repeats, cuda)
-            try:
-                graphed = torch.compile(half, mode="reduce-overhead")  # CUDA graphs: no per-layer launch cost
-                result["student_fp16_cudagraph_ms"] = 1000 * _timed(lambda: graphed(pose.half()), repeats, cuda)
-            except Exception as exc:  # noqa: BLE001 - a compiler failure loses one row, not the run
-                result["student_fp16_cudagraph_error"] = f"{exc.__class__.__name__}: {str(exc)[:200]}"
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                result["student_bf16_autocast_ms"] = 1000 * _timed(lambda: student(pose), repeats, cuda)
-        result["student_fp32_ms"] = 1000 * _timed(lambda: student(pose), repeats, cuda)
+        result.update(_student_times(student, pose, repeats, cuda))
         for path in onnx_models:  # exported variants on onnxruntime's CPU provider, same camera
             from mg3d.export.onnxmodel import session
 
             sess, feed = session(path, threads), {"c2w": pose.cpu().numpy()}
             result[f"student_ort_{path.stem.replace('.', '_')}_ms"] = 1000 * _timed(lambda: sess.run(None, feed), repeats, False)
         result["teacher_ms"] = 1000 * _timed(lambda: teacher.render(pose, *intr, w, h), max(3, repeats // 4), cuda)
+        if kernels and cuda:
+            result["kernels"] = _kernel_table(student, pose)
+        for k, variant in enumerate(variants):
+            spec = dataclasses.replace(student.spec, **_pairs(variant.split(",")))
+            result[f"variant{k}"] = variant
+            result.update(_student_times(NeLF(spec).to(device).eval(), pose, repeats, cuda, prefix=f"variant{k}", eager=False))
     best = min(v for k, v in result.items() if k.startswith("student_") and k.endswith("_ms"))
     result["student_fps"] = round(1000 / best, 1)
     result["teacher_fps"] = round(1000 / result["teacher_ms"], 2)
     result["speedup"] = round(result["teacher_ms"] / best, 1)
+    for k in range(len(variants)):
+        times = [v for key, v in result.items() if key.startswith(f"variant{k}_") and key.endswith("_ms")]
+        if times:
+            result[f"variant{k}_speedup"] = round(result["teacher_ms"] / min(times), 1)
     return {k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}
 
 
@@ -111,6 +160,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for the speed phase (0: torch's default)")
     parser.add_argument("--onnx", type=Path, action="append", default=[], help="speed phase: also time this exported model on onnxruntime")
+    parser.add_argument("--variant", action="append", default=[], help="speed phase: also time a random-weight student of this spec changed so (KEY=VALUE,KEY=VALUE)")
+    parser.add_argument("--kernels", action="store_true", help="speed phase on CUDA: list the student's costliest kernels")
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
     opts = parser.parse_args()
 
@@ -158,7 +209,7 @@ def main() -> None:
         for png in sorted((keep / "renders").glob("*.png"))[:2]:
             shutil.copy(png, opts.out / f"student_{opts.tag}_{png.name}")
     if "speed" in phases:
-        write(f"speed_{opts.tag}", speed(opts.ws, opts.ws / f"student_{opts.tag}", opts.repeats, opts.threads, tuple(opts.onnx)))
+        write(f"speed_{opts.tag}", speed(opts.ws, opts.ws / f"student_{opts.tag}", opts.repeats, opts.threads, tuple(opts.onnx), tuple(opts.variant), opts.kernels))
 
 
 if __name__ == "__main__":

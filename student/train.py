@@ -85,7 +85,7 @@ def bake_occupancy(model: NeLF, field_folder: Path, device: torch.device, alpha:
             u = (c + torch.rand(c.shape, generator=generator, device=device)) / r * 2 - 1  # [-1, 1]^3
             sigma = torch.maximum(sigma, teacher.field.density_and_features(center + u * spec.radius)[0].float())
         occupied[start : start + len(c)] = (1 - torch.exp(-sigma * size) >= alpha).to(torch.uint8)
-    model.detail.occupied.copy_(occupied.to(model.detail.occupied.device))
+    model.detail.set_occupancy(occupied.to(model.detail.occupied.device))
     return float(occupied.float().mean())
 
 

@@ -465,7 +465,7 @@ def test_occupancy_march_finds_the_first_occupied_cell() -> None:
     r = 8
     i, j, k = np.meshgrid(*[np.arange(r)] * 3, indexing="ij")  # cells (x, y, z); centres at (index + 0.5) / 4 - 1
     slab = (k == 5) & (np.abs(i - 3.5) < 1) & (np.abs(j - 3.5) < 1)  # z in [0.25, 0.5], x and y in [-0.25, 0.25]
-    model.detail.occupied.copy_(torch.from_numpy(slab.reshape(-1).astype(np.uint8)))
+    model.detail.set_occupancy(torch.from_numpy(slab.reshape(-1).astype(np.uint8)))
     c2w = torch.eye(4)[None]
     c2w[0, 2, 3] = 3.0  # at z = 3 looking down -z: the slab's top is 2.5 away
     hit, lo, hi = (x.reshape(16, 16) for x in model.detail.march_cameras(c2w))
@@ -478,6 +478,35 @@ def test_occupancy_march_finds_the_first_occupied_cell() -> None:
     assert bool((first < spec.march_steps).any()) and bool((first == spec.march_steps).any())
     with torch.no_grad():
         assert torch.equal(model(c2w, intr, first=first.to(torch.uint8)), model(c2w, intr))
+
+
+def test_occupancy_march_matches_a_plain_march_and_survives_a_reload(tmp_path: Path) -> None:
+    """The fast march (cell coordinates, an empty border instead of an inside test, one minimum) finds the same
+    first step as the plain one on a random grid, for rays that start outside the box and leave it; a saved
+    and reloaded student marches the same (the bordered copy is rebuilt when the weights load)."""
+    import torch
+
+    from mg3d.student.model import NeLF, StudentSpec
+
+    torch.manual_seed(0)
+    r, n = 16, 96
+    spec = StudentSpec(width_px=32, height_px=32, fx=20, fy=20, cx=16, cy=16, near=0.5, far=5.0, radius=1.0, center=(0.1, -0.2, 0.05),
+                       depth=1, width=8, sr_factor=8, detail=2, detail_resolution=8, occupancy=r, march_steps=n)
+    model = NeLF(spec)
+    model.detail.set_occupancy((torch.rand(r**3) < 0.03).to(torch.uint8))
+    c2w = torch.eye(4).repeat(3, 1, 1)
+    c2w[:, :3, 3] = torch.tensor([[0.0, 0.0, 2.5], [0.4, -0.3, 1.5], [0.2, 0.1, 0.5]])  # outside, near and inside the box
+    origin, d = model.detail.rays(c2w)
+    x = (origin + d * model.detail.march_t.view(1, 1, n, 1) - torch.tensor(spec.center).view(1, 3, 1, 1)) / spec.radius  # plain form
+    cell = ((x * 0.5 + 0.5) * r).floor().clamp(0, r - 1).long()
+    occ = (model.detail.occupied[(cell[:, 0] * r + cell[:, 1]) * r + cell[:, 2]] > 0) & (x.abs() < 1).all(1)
+    plain = torch.where(occ.any(1), occ.to(torch.uint8).argmax(1), n)
+    fast = model.detail.march(origin, d).reshape(plain.shape)
+    assert 0.05 < float((plain < n).float().mean()) < 0.95  # hits and misses both
+    assert float((fast == plain).float().mean()) > 0.999  # a point on a cell face may round either way
+    model.save(tmp_path / "student")
+    again = NeLF.load(tmp_path / "student")
+    assert torch.equal(again.detail.first_hits(c2w), model.detail.first_hits(c2w))
 
 
 def test_occupancy_makes_depth_right_at_occlusion_edges(tmp_path: Path) -> None:
@@ -504,7 +533,7 @@ def test_occupancy_makes_depth_right_at_occlusion_edges(tmp_path: Path) -> None:
                            depth=2, width=32, sr_factor=8, detail=4, detail_resolution=128, occupancy=occupancy, march_steps=64)
         model = NeLF(spec)
         if occupancy:  # exact: cells within half a cell of a sphere (mg3d student bakes it from the teacher)
-            model.detail.occupied.copy_(torch.from_numpy(sphere_occupancy(FIVE, r)))
+            model.detail.set_occupancy(torch.from_numpy(sphere_occupancy(FIVE, r)))
         config = StudentConfig(depth=2, width=32, detail=4, steps=300, batch=8, lr=3e-3, warmup=20, finetune_fraction=0, checkpoint_every=10**6, device="cpu")
         train(model, data, None, config, tmp_path / f"run{occupancy}", "key", torch.device("cpu"))
         model.eval()
