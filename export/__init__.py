@@ -102,13 +102,6 @@ def run(workspace: Workspace, config: ExportConfig, force: bool = False) -> Expo
 
     student_dir = workspace.require("student", how=f"train one with: mg3d student {workspace.root}")
     check_dependencies(config.target)
-    if config.target == "ios" and json.loads((student_dir / "student.json").read_text())["spec"].get("detail", 0):
-        # Core ML's fp16 pass has no way to keep the plane indices (up to 3 x 512^2) in fp32 here, and no
-        # Core ML prediction runs on Linux to check a workaround: refuse rather than ship wrong reads
-        from mg3d.export.onnxmodel import ExportError
-
-        raise ExportError("the student has the per-pixel surface detail (--detail), which the iOS export does not support yet",
-                          hint="export it with --target onnx, android or web, or train the student without --detail for iOS")
     inputs = {"student": {"path": str(student_dir / "student.safetensors"), "sha256": sha256_file(student_dir / "student.safetensors")}}
     wanted = config_to_dict(config)
     old = workspace.manifest(STAGE) or {}

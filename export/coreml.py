@@ -1,8 +1,10 @@
 """The student as a Core ML ML Program (``.mlpackage``, iOS 16+), converted from the traced torch model.
 
-Compute is fp16 except the ray points and positional encoding, which stay fp32 (their phases need it).
-Optional weight compression through ``coremltools.optimize``: palettization (k-means look-up tables of 4, 6
-or 8 bits) and int8 linear quantization. Core ML predicts only on macOS; elsewhere the package's spec is
+Compute is fp16 except the ray points and positional encoding, which stay fp32 (their phases need it), and
+a surface-detail student's point placement, occupancy march and plane reads (cell indices need it).
+Optional weight compression of the convolutions through ``coremltools.optimize``: palettization (k-means
+look-up tables of 4, 6 or 8 bits) and int8 linear quantization; other constants (ray directions, planes,
+the occupancy grid) stay as they are. Core ML predicts only on macOS; elsewhere the package's spec is
 checked (input/output names and shapes, op list, size) and the sidecar says that no prediction was run.
 """
 
@@ -25,10 +27,16 @@ def convert(model: torch.nn.Module, in_channels: int, half: bool = True) -> Any:
     example[0, 2, 3] = float(model.spec.near + model.spec.far) / 2
 
     def fp16(op: Any) -> bool:
-        """Half precision for the network, not for the encoding (everything before the input convolution)."""
+        """Half precision for the network, not for the encoding (everything before the input convolution)
+        nor for the surface detail's ops between its depth convolution (one output channel) and the next
+        convolution (the fuse)."""
         ops = list(op.enclosing_block.operations)
-        stem = next((i for i, o in enumerate(ops) if o.op_type == "conv" and o.weight.shape[1] == in_channels), 0)
-        return ops.index(op) >= stem
+        i = ops.index(op)
+        convs = [k for k, o in enumerate(ops) if o.op_type == "conv"]
+        stem = next((k for k in convs if ops[k].weight.shape[1] == in_channels), 0)
+        depth = next((k for k in convs if ops[k].weight.shape[0] == 1), None)
+        fuse = next((k for k in convs if depth is not None and k > depth), len(ops))
+        return i >= stem and not (depth is not None and depth < i < fuse)
 
     from mg3d.export.onnxmodel import quiet
 
@@ -44,7 +52,8 @@ def convert(model: torch.nn.Module, in_channels: int, half: bool = True) -> Any:
 def palettize(mlmodel: Any, bits: int) -> Any:
     import coremltools.optimize.coreml as cto
 
-    config = cto.OptimizationConfig(global_config=cto.OpPalettizerConfig(mode="kmeans", nbits=bits, weight_threshold=512))
+    # the convolutions only: a global config would also cluster the ray directions (and a detail student's planes)
+    config = cto.OptimizationConfig(op_type_configs={"conv": cto.OpPalettizerConfig(mode="kmeans", nbits=bits, weight_threshold=512)})
     from mg3d.export.onnxmodel import quiet
 
     with quiet():
@@ -54,7 +63,7 @@ def palettize(mlmodel: Any, bits: int) -> Any:
 def quantize_int8(mlmodel: Any) -> Any:
     import coremltools.optimize.coreml as cto
 
-    config = cto.OptimizationConfig(global_config=cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", weight_threshold=512))
+    config = cto.OptimizationConfig(op_type_configs={"conv": cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", weight_threshold=512)})
     from mg3d.export.onnxmodel import quiet
 
     with quiet():

@@ -76,8 +76,6 @@ def check(opts: BuildOptions) -> None:
     # a bad option value fails now, not after an hour of training
     configs = {section: _config(cls, section, opts) for cls, section in (
         (CaptureConfig, "capture"), (TeacherConfig, "teacher"), (DistillConfig, "distill"), (StudentConfig, "student"), (BenchConfig, "bench"))}
-    if "ios" in opts.targets and configs["student"].detail:
-        raise ConfigError("the iOS export does not support the student's surface detail (student.detail)", hint="drop ios from --targets or set student.detail=0")
     for target in opts.targets:
         _config(ExportConfig, "export", opts, {"target": target})
     if not opts.source.exists():

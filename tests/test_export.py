@@ -161,7 +161,7 @@ def test_surface_detail_exports_with_gathers_and_an_fp32_read_path(tmp_path: Pat
 
 
 def test_occupancy_student_exports_with_its_march(tmp_path: Path) -> None:
-    """The occupancy grid and the march (Gather, ArgMax) go into the one graph: fp32 matches torch, and the
+    """The occupancy grid and the march (Gather, ReduceMin) go into the one graph: fp32 matches torch, and the
     fp16 variant, which keeps the march in fp32, stays within 40 dB of it."""
     from mg3d.export import onnxmodel as ox
     from mg3d.student.model import NeLF, StudentSpec, fold_batchnorm
@@ -333,16 +333,33 @@ def test_missing_coremltools_names_the_extra(student_ws: Path, cli, monkeypatch:
     assert not (student_ws / "export").exists()
 
 
-def test_ios_export_of_a_surface_detail_student_is_refused(student_ws: Path, cli) -> None:
-    """Core ML's fp16 conversion would compute the detail planes' indices in fp16: refused, nothing written."""
-    meta_path = student_ws / "student" / "student.json"
-    meta = json.loads(meta_path.read_text())
-    meta["spec"]["detail"] = 2
-    meta_path.write_text(json.dumps(meta))
-    result = cli("export", student_ws, "--target", "ios")
-    assert result.exit_code == 1
-    one_line_error(result, "surface detail", "--target onnx, android or web")
-    assert not (student_ws / "export").exists() and not list(student_ws.glob(".export.*"))
+def test_ios_export_keeps_the_surface_detail_in_fp32_and_compresses_only_convolutions() -> None:
+    """Core ML: an occupancy student converts with its point placement, march and plane reads in fp32 (plane
+    and grid indices need it) and the rest in fp16; int8 and palettized variants compress the convolutions'
+    weights only, never the ray directions or the planes."""
+    pytest.importorskip("coremltools")
+    from coremltools.converters.mil.mil import types
+
+    from mg3d.export import coreml
+    from mg3d.student.model import NeLF, StudentSpec, fold_batchnorm
+
+    torch.manual_seed(0)
+    spec = StudentSpec(width_px=64, height_px=48, fx=70, fy=70, cx=32, cy=24, near=2, far=6, radius=1.5, depth=2, width=16, sr_factor=8, detail=4,
+                       detail_resolution=64, occupancy=16, march_steps=32)
+    base = coreml.convert(fold_batchnorm(NeLF(spec).eval()), spec.in_channels)
+    coreml.check(base, spec.width_px, spec.height_px)
+    ops = list(base._mil_program.functions["main"].operations)
+    convs = [k for k, o in enumerate(ops) if o.op_type == "conv"]
+    depth = next(k for k in convs if ops[k].weight.shape[0] == 1)
+    fuse = next(k for k in convs if k > depth)
+    detail = [o for o in ops[depth + 1 : fuse] if o.op_type != "const"]
+    assert {"gather", "floor", "reduce_min"} <= {o.op_type for o in detail}
+    half = [o for o in detail if types.builtin_to_string(o.outputs[0].dtype) == "fp16"]
+    assert [o.op_type for o in half] == ["cast"] and list(half[0].outputs[0].child_ops) == [ops[fuse]]  # fp16 only into the fuse
+    assert [o for o in ops[fuse:] if types.builtin_to_string(o.outputs[0].dtype) == "fp16"]  # the fuse and head run in fp16
+    for compressed in (coreml.quantize_int8(base), coreml.palettize(base, 6)):
+        users = {c.op_type for o in compressed._mil_program.functions["main"].operations if o.op_type.startswith("constexpr") for c in o.outputs[0].child_ops}
+        assert users == {"conv"}, users
 
 
 def test_failed_verification_is_not_marked_done_and_says_by_how_much(exported: tuple[Path, str], tmp_path: Path, cli) -> None:

@@ -23,7 +23,7 @@ finish() { tar -czf "${OUT:-/tmp/out}/results.tgz" -C "$out" . ; }
 trap finish EXIT
 # BENCH_ARGS: extra options for every call (a CPU dry run: --preset tiny --teacher-set eval_views=2)
 # shellcheck disable=SC2086
-python3 scripts/bench_student.py "$ws" --dataset .gpudata/lego-400 --phases teacher,distill --teacher-time "$teacher_s" --views "$views" --out "$out" ${BENCH_ARGS:-} 2>&1 | grep -v "━" | tee -a "$out/log.txt"
+python3 scripts/bench_student.py "$ws" --dataset .gpudata/lego-400 --phases teacher,distill --teacher-time "$teacher_s" --views "$views" --out "$out" ${BENCH_ARGS:-} 2>&1 | grep --line-buffered -v "━" | tee -a "$out/log.txt"
 # PARALLEL=1 trains the variants at the same time on the one GPU (each gets part of it: a conservative figure
 # for each, and several in one call); otherwise one after the other
 for variant in "$@"; do  # "tag:args" trains and evaluates; "tag+speed:args" also times student vs teacher
@@ -36,13 +36,13 @@ for variant in "$@"; do  # "tag:args" trains and evaluates; "tag+speed:args" als
   # shellcheck disable=SC2086  # args holds several --set options
   vws=$ws
   if [ "${PARALLEL:-0}" = 1 ]; then vws=${ws}_$tag && rm -rf "$vws" && cp -a "$ws" "$vws"; fi  # a workspace each: one student stage per workspace
-  run() { python3 scripts/bench_student.py "$vws" --phases "$phases" --tag "$tag" --student-time "$student_s" --repeats 20 $args --out "$out" ${BENCH_ARGS:-} 2>&1 | grep -v "━" | tee -a "$out/log_$tag.txt"; }
+  run() { python3 scripts/bench_student.py "$vws" --phases "$phases" --tag "$tag" --student-time "$student_s" --repeats 20 $args --out "$out" ${BENCH_ARGS:-} 2>&1 | grep --line-buffered -v "━" | tee -a "$out/log_$tag.txt"; }
   if [ "${PARALLEL:-0}" = 1 ]; then run & else run; fi
 done
 wait
 for t in ${timed:-}; do
   # shellcheck disable=SC2086
-  python3 scripts/bench_student.py "${ws}_$t" --phases speed --tag "$t" --repeats 20 --out "$out" ${BENCH_ARGS:-} 2>&1 | grep -v "━" | tee -a "$out/log_$t.txt"
+  python3 scripts/bench_student.py "${ws}_$t" --phases speed --tag "$t" --repeats 20 --out "$out" ${BENCH_ARGS:-} 2>&1 | grep --line-buffered -v "━" | tee -a "$out/log_$t.txt"
 done
 # the last variant's student and the teacher, in fp16, cut into parts under the 16 MiB a returned file may
 # have (join with cat): CPU export and speed checks on the developer's machine
