@@ -18,7 +18,6 @@ second target keeps the first (``WS/export/`` holds one folder per target; ``mg3
 from __future__ import annotations
 
 import importlib.util
-import json
 import shutil
 import time
 from dataclasses import dataclass
