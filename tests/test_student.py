@@ -70,6 +70,27 @@ def test_orbit_cameras_stay_on_the_training_shell() -> None:
     assert np.allclose(new[:, :3, :3] @ new[:, :3, :3].transpose(0, 2, 1), np.eye(3), atol=1e-5)
 
 
+def test_orbit_cameras_spread_over_the_sphere_as_the_training_cameras_do() -> None:
+    """Training cameras evenly over a hemisphere band (as lego's): the new ones have their elevations (the
+    mean and the share above 60 deg), not a uniform elevation that crowds them towards the pole."""
+    from mg3d.scene import look_at_rotation
+    from mg3d.student.cameras import sample_cameras
+
+    rng = np.random.default_rng(0)
+    n = 300
+    az, el = rng.uniform(0, 2 * np.pi, n), np.arcsin(rng.uniform(np.sin(0.1), np.sin(1.5), n))
+    pos = 4.0 * np.stack([np.cos(el) * np.cos(az), np.cos(el) * np.sin(az), np.sin(el)], 1)
+    c2w = np.tile(np.eye(4), (n, 1, 1))
+    for i in range(n):
+        c2w[i, :3, :3] = look_at_rotation(-pos[i], np.array([0, 0, 1.0]))
+    c2w[:, :3, 3] = pos
+    new = sample_cameras(c2w, 2000, seed=3).astype(np.float64)
+    elevation = lambda c: np.degrees(np.arcsin(c[:, 2, 3] / np.linalg.norm(c[:, :3, 3], axis=1)))  # noqa: E731
+    old, got = elevation(c2w), elevation(new)
+    assert abs(got.mean() - old.mean()) < 3, (got.mean(), old.mean())  # uniform elevations: about 46 against 37
+    assert abs((got > 60).mean() - (old > 60).mean()) < 0.05
+
+
 def test_path_cameras_follow_the_trajectory() -> None:
     from mg3d.student.cameras import camera_kind, sample_cameras
 
