@@ -26,17 +26,21 @@ def convert(model: torch.nn.Module, in_channels: int, half: bool = True) -> Any:
     example = torch.eye(4)[None]
     example[0, 2, 3] = float(model.spec.near + model.spec.far) / 2
 
+    kept: dict[int, set[int]] = {}  # per block: ids of the ops that stay fp32, found once
+
     def fp16(op: Any) -> bool:
         """Half precision for the network, not for the encoding (everything before the input convolution)
         nor for the surface detail's ops between its depth convolution (one output channel) and the next
         convolution (the fuse)."""
-        ops = list(op.enclosing_block.operations)
-        i = ops.index(op)
-        convs = [k for k, o in enumerate(ops) if o.op_type == "conv"]
-        stem = next((k for k in convs if ops[k].weight.shape[1] == in_channels), 0)
-        depth = next((k for k in convs if ops[k].weight.shape[0] == 1), None)
-        fuse = next((k for k in convs if depth is not None and k > depth), len(ops))
-        return i >= stem and not (depth is not None and depth < i < fuse)
+        block = op.enclosing_block
+        if id(block) not in kept:
+            ops = list(block.operations)
+            convs = [k for k, o in enumerate(ops) if o.op_type == "conv"]
+            stem = next((k for k in convs if ops[k].weight.shape[1] == in_channels), 0)
+            depth = next((k for k in convs if ops[k].weight.shape[0] == 1), None)
+            fuse = next((k for k in convs if depth is not None and k > depth), len(ops))
+            kept[id(block)] = {id(o) for k, o in enumerate(ops) if k < stem or (depth is not None and depth < k < fuse)}
+        return id(op) not in kept[id(block)]
 
     from mg3d.export.onnxmodel import quiet
 

@@ -42,18 +42,24 @@ def _timed(fn, repeats: int, cuda: bool) -> float:
     return statistics.median(times)
 
 
+def _shipped(model):
+    """``model`` as it ships to a GPU: BatchNorm folded into the convs, fp16, channels-last."""
+    import torch
+
+    from mg3d.student.model import fold_batchnorm
+
+    return fold_batchnorm(model).half().to(memory_format=torch.channels_last)
+
+
 def _student_times(model, pose, repeats: int, cuda: bool, prefix: str = "student", eager: bool = True) -> dict:
     """Frame times (ms) of one student: on CUDA fp16 with BatchNorm folded into the convs under CUDA graphs
     (how it ships), and with ``eager`` also eager fp16 (unfolded), bf16 autocast and fp32; on a CPU fp32."""
     import torch
 
-    from mg3d.student.model import fold_batchnorm
-
     result = {}
     if cuda:
-        folded = fold_batchnorm(model).half().to(memory_format=torch.channels_last)
         try:
-            graphed = torch.compile(folded, mode="reduce-overhead")  # CUDA graphs: no per-layer launch cost
+            graphed = torch.compile(_shipped(model), mode="reduce-overhead")  # CUDA graphs: no per-layer launch cost
             result[f"{prefix}_fp16_folded_cudagraph_ms"] = 1000 * _timed(lambda: graphed(pose.half()), repeats, cuda)
         except Exception as exc:  # noqa: BLE001 - a compiler failure loses one row, not the run
             result[f"{prefix}_fp16_cudagraph_error"] = f"{exc.__class__.__name__}: {str(exc)[:200]}"
@@ -74,9 +80,7 @@ def _kernel_table(model, pose, rows: int = 15) -> list[list]:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from mg3d.student.model import fold_batchnorm
-
-    folded = fold_batchnorm(model).half().to(memory_format=torch.channels_last)
+    folded = _shipped(model)
     for _ in range(3):
         folded(pose.half())
     torch.cuda.synchronize()

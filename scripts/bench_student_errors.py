@@ -56,18 +56,19 @@ def breakdown(scene, views, render) -> dict:
     import torch.nn.functional as F
     from PIL import Image
 
+    from mg3d.student.evaluate import truth_at
+
     sums = {k: [0.0, 0] for k in ("background", "silhouette", "interior", "interior_gradient")}
     grow = lambda m, k: F.max_pool2d(m[None, None].float(), 2 * k + 1, 1, k)[0, 0] > 0  # noqa: E731
     for i in views:
-        rgba = np.asarray(Image.open(scene.image_paths[i])).astype(np.float32) / 255
+        rgba = scene.image(i)
         if rgba.shape[-1] != 4:
             raise SystemExit(f"{scene.image_paths[i]} has no alpha channel: this benchmark needs a synthetic scene's RGBA views")
-        alpha = torch.from_numpy(rgba[..., 3])
-        truth = torch.from_numpy(rgba[..., :3] * rgba[..., 3:] + (1 - rgba[..., 3:]))  # on white, as the models render
         with torch.no_grad():
             pred = render(torch.from_numpy(scene.c2w[i].astype(np.float32))).float()
-        if pred.shape != truth.shape:
-            raise SystemExit(f"the model renders {tuple(pred.shape[:2])}, the views are {tuple(truth.shape[:2])}")
+        h, w = pred.shape[:2]
+        truth = torch.from_numpy(truth_at(scene, i, w, h))  # composited as the evaluation does
+        alpha = torch.from_numpy(np.asarray(Image.fromarray(rgba[..., 3]).resize((w, h))) / 255.0)
         error = ((pred - truth) ** 2).mean(-1)
         fg = alpha > 0.5
         band = grow(fg, 2) & grow(~fg, 2)  # within 2 px of both sides of the silhouette
