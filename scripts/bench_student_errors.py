@@ -4,7 +4,8 @@ interior, and in the interior's 20% of pixels with the strongest image gradient 
 
     python scripts/bench_student_errors.py WS/student WS/capture/transforms.json --every 20 [--teacher WS/teacher]
 
-With ``--teacher`` the teacher is scored the same way on the same views (its own breakdown, for comparison).
+With ``--teacher`` the teacher is scored the same way on the same views (its own breakdown, for comparison),
+and a detail student also with its planes read at the teacher's surface instead of its own depth.
 
 Prints one JSON line.
 """
@@ -44,10 +45,31 @@ def main() -> None:
         teacher = Teacher.load(opts.teacher, torch.device("cpu"))
         w, h = model.spec.width_px, model.spec.height_px
         renderers["teacher"] = lambda c2w: teacher.render(c2w[None], model.spec.fx, model.spec.fy, model.spec.cx, model.spec.cy, w, h)["rgb"][0]
+        if model.spec.detail:  # the detail planes read at the teacher's surface: what the student's own depth costs
+            errors = []
+            renderers["student_at_teacher_depth"] = lambda c2w: model(c2w[None], surface=teacher_surface(teacher, model, c2w, errors))[0].permute(1, 2, 0)
     result = {"views": len(views)}
     for name, render in renderers.items():
         result[name] = breakdown(scene, views, render)
+    if "student_at_teacher_depth" in renderers:
+        gaps = torch.cat(errors)
+        result["depth_error"] = {"median": round(float(gaps.median()), 4), "p90": round(float(gaps.quantile(0.9)), 4), "pixel_at_far": round(model.spec.far / model.spec.fx, 4)}
     print(json.dumps(result))
+
+
+def teacher_surface(teacher, model, c2w, errors: list):
+    """Distances [1, 1, H, W] along each pixel's ray: the teacher's surface where it is opaque (as the pseudo
+    data stores it), the student's own depth elsewhere. Appends |student depth - teacher's| there to ``errors``."""
+    import torch
+
+    s = model.spec
+    out = teacher.render(c2w[None], s.fx, s.fy, s.cx, s.cy, s.width_px, s.height_px)
+    opacity = out["opacity"][0].float()
+    surface = out["depth"][0].float() / opacity.clamp(min=0.5)
+    _, depth = model(c2w[None], with_depth=True)
+    opaque = opacity > 0.5
+    errors.append((depth[0, 0] - surface)[opaque].abs().flatten()[::16])  # every 16th pixel: quantile() has a size limit
+    return torch.where(opaque, surface, depth[0, 0])[None, None]
 
 
 def breakdown(scene, views, render) -> dict:

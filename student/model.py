@@ -169,11 +169,18 @@ def grid_directions(spec: StudentSpec, intrinsics: Tensor | None = None, step: i
 def plane_features(x: Tensor, planes: Tensor, resolution: int, extent: float, samples: int, points: int) -> Tensor:
     """Bilinear reads of three feature planes at points x [B, 3, S, P] (encoded coordinates): [B, 3, S, C, P].
 
-    ``planes`` [3 R R, C] holds the xy, xz and yz planes one after the other, flattened, so one Gather reads
-    every corner of every plane (export-friendly: Floor, Cast and Gather instead of GridSample, which
-    mobile delegates lack). Points outside the planes read their border. Cell indices are computed in fp32
-    (in fp16 integers above 2,048 are not exact); ``samples`` (S) and ``points`` (P) keep shapes constant.
-    """
+    ``planes`` [3 R R, C] holds the xy, xz and yz planes one after the other, flattened. Points outside the
+    planes read their border; ``samples`` (S) and ``points`` (P) keep shapes constant in traced graphs.
+    A traced graph (ONNX, Core ML) gets :func:`gathered_plane_features`, which mobile runtimes run; torch
+    itself runs :func:`sampled_plane_features`, the same reads in one kernel."""
+    read = gathered_plane_features if torch.jit.is_tracing() else sampled_plane_features
+    return read(x, planes, resolution, extent, samples, points)
+
+
+def gathered_plane_features(x: Tensor, planes: Tensor, resolution: int, extent: float, samples: int, points: int) -> Tensor:
+    """:func:`plane_features` in Floor, Cast and Gather (no GridSample, which mobile delegates lack): one Gather
+    reads a corner of every plane at once. Cell indices are computed in fp32 (in fp16 integers above 2,048
+    are not exact)."""
     r = resolution
     g = (x.float().clamp(-extent, extent) / extent * 0.5 + 0.5) * (r - 1)  # [B, 3, S, P] in cells, [0, R - 1]
     cell = torch.floor(g).clamp(max=r - 2)
@@ -195,6 +202,19 @@ def plane_features(x: Tensor, planes: Tensor, resolution: int, extent: float, sa
     top = read(0) * (1 - fu) + read(1) * fu
     bottom = read(r) * (1 - fu) + read(r + 1) * fu
     return (top * (1 - fv) + bottom * fv).permute(0, 1, 2, 4, 3).to(planes.dtype)  # [B, 3, S, C, P]
+
+
+def sampled_plane_features(x: Tensor, planes: Tensor, resolution: int, extent: float, samples: int, points: int) -> Tensor:
+    """:func:`plane_features` through ``grid_sample`` (align_corners, border padding: the same bilinear reads,
+    computed in fp32). Training the lego occupancy student on an H200 ran 1.66x (batch 8) to 1.88x (batch 32)
+    as many images per second as with the Gather form, whose four reads alone had taken 9 of 40 ms (batch 8)
+    and 37 of 114 ms (batch 32) per step (scripts/profile_student.py, BENCHMARKS.md)."""
+    c = planes.shape[1]
+    grids = planes.float().view(3, resolution, resolution, c).permute(0, 3, 1, 2)  # [plane, C, v, u]
+    xn = x.float().clamp(-extent, extent) / extent  # [B, 3, S, P]
+    uv = torch.stack([torch.stack([xn[:, a], xn[:, b]], -1) for a, b in ((0, 1), (0, 2), (1, 2))])  # [3, B, S, P, 2] as (u, v)
+    out = nn.functional.grid_sample(grids, uv.reshape(3, -1, 1, 2), mode="bilinear", padding_mode="border", align_corners=True)  # [3, C, B S P, 1]
+    return out.view(3, c, -1, samples, points).permute(2, 0, 3, 1, 4).to(planes.dtype)  # [B, 3, S, C, P]
 
 
 def activation(name: str) -> nn.Module:
@@ -261,8 +281,8 @@ class SurfaceDetail(nn.Module):
     to 400x400 scores 22.1 dB, about where minutes-trained MobileR2L students stop (BENCHMARKS.md). Here the
     upsampled features predict a distance along each pixel's own ray (``depth``, trained on the teacher's
     depth), and three learned feature planes (xy, xz, yz) are read there: a texture atlas that every view of a
-    surface point reads from the same cells, so it learns at the speed of a feature grid. Gather reads, no
-    GridSample (see :func:`plane_features`); everything here runs in fp32 (indices into the planes).
+    surface point reads from the same cells, so it learns at the speed of a feature grid. Exports read them
+    with Gather, no GridSample (see :func:`plane_features`); everything here runs in fp32 (positions, indices).
 
     A regressed depth is smooth across pixels, so at an occlusion edge it lands in the empty space between the
     near and the far surface. With ``spec.occupancy`` each pixel's ray is marched through an occupancy grid

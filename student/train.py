@@ -233,7 +233,7 @@ def train(
     groups = [{"params": [p for name, p in model.named_parameters() if name not in tables], "lr": config.lr, "base_lr": config.lr}]
     if planes:  # the feature planes: a higher rate and no weight decay, like a hash table
         groups.append({"params": planes, "lr": config.plane_lr, "base_lr": config.plane_lr, "weight_decay": 0.0})
-    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.99), weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.99), weight_decay=config.weight_decay, fused=cuda or None)  # fused: a few kernels per step on CUDA
     meta = load_checkpoint(folder, model, optimizer, key, StudentError, required=("key", "step", "elapsed_s"))
     step, elapsed = (meta["step"], meta["elapsed_s"]) if meta else (0, 0.0)
     for group, base in zip(optimizer.param_groups, (config.lr, config.plane_lr)):

@@ -163,34 +163,45 @@ def test_contraction_and_encoding_use_delegate_friendly_ops_with_the_same_values
 
 
 def test_feature_planes_read_bilinearly_and_learn() -> None:
-    """The Gather-based plane reads equal grid_sample's bilinear interpolation (border clamp), the planes
-    get gradients, and a half-precision student still reads the right cells (indices in fp32)."""
+    """Both forms of the plane reads (Gather, which exports trace, and grid_sample, which torch runs) equal a
+    per-plane bilinear interpolation with border clamp and give the same gradients; a traced graph holds the
+    Gather form and no GridSample; the planes learn; a half-precision student still reads the right cells
+    (indices in fp32)."""
     import torch
     import torch.nn.functional as F
 
-    from mg3d.student.model import NeLF, StudentSpec, plane_features
+    from mg3d.student.model import NeLF, StudentSpec, gathered_plane_features, plane_features, sampled_plane_features
 
     torch.manual_seed(0)
     spec = StudentSpec(width_px=64, height_px=64, fx=80, fy=80, cx=32, cy=32, near=2, far=6, radius=1.5, depth=2, width=16, sr_factor=8, planes=4, plane_resolution=16)
     model = NeLF(spec)
     torch.nn.init.normal_(model.planes)
     assert spec.in_channels == 3 * 8 * (13 + 4)
-    x = torch.rand(2, 3, 5, 7) * 2.4 - 1.2  # some points outside the planes
-    got = plane_features(x, model.planes, 16, 1.0, 5, 7)  # [B, 3, S, C, P]
+    x = (torch.rand(2, 3, 5, 7) * 2.4 - 1.2).requires_grad_()  # some points outside the planes
     grids = model.planes.detach().reshape(3, 16, 16, 4).permute(0, 3, 1, 2)  # [plane, C, v, u]
-    for k, (a, b) in enumerate(((0, 1), (0, 2), (1, 2))):
-        where = torch.stack([x[:, a], x[:, b]], -1).clamp(-1, 1)  # [B, S, P, 2] as (u, v)
-        expected = F.grid_sample(grids[k : k + 1].expand(2, -1, -1, -1), where, align_corners=True)  # [B, C, S, P]
-        torch.testing.assert_close(got[:, k], expected.permute(0, 2, 1, 3), atol=1e-5, rtol=0)
+    grads = []
+    for read in (gathered_plane_features, sampled_plane_features):
+        got = read(x, model.planes, 16, 1.0, 5, 7)  # [B, 3, S, C, P]
+        for k, (a, b) in enumerate(((0, 1), (0, 2), (1, 2))):
+            where = torch.stack([x[:, a], x[:, b]], -1).detach().clamp(-1, 1)  # [B, S, P, 2] as (u, v)
+            expected = F.grid_sample(grids[k : k + 1].expand(2, -1, -1, -1), where, align_corners=True)  # [B, C, S, P]
+            torch.testing.assert_close(got[:, k].detach(), expected.permute(0, 2, 1, 3), atol=1e-5, rtol=0)
+        grads.append(torch.autograd.grad(got.square().sum(), (x, model.planes)))
+    for gathered, sampled in zip(*grads):
+        torch.testing.assert_close(sampled, gathered, atol=1e-4, rtol=1e-4)
+    traced = torch.jit.trace(lambda p, table: plane_features(p, table, 16, 1.0, 5, 7), (x.detach(), model.planes.detach()))
+    nodes = {n.kind() for n in traced.graph.nodes()}
+    assert "aten::index_select" in nodes and "aten::grid_sampler" not in nodes
     c2w = torch.eye(4)[None].repeat(2, 1, 1)
     c2w[:, 2, 3] = torch.tensor([4.0, 3.5])
     model(c2w).mean().backward()
     assert model.planes.grad is not None and model.planes.grad.abs().sum() > 0
     x = (torch.rand(1, 3, 8, 64) * 2 - 1).half()
     table = torch.randn(3 * 512 * 512, 2).half()
-    reference = plane_features(x.float(), table.float(), 512, 1.0, 8, 64)  # the same points and values in fp32
-    half = plane_features(x, table, 512, 1.0, 8, 64)
-    assert (half.float() - reference).abs().max() < 0.02  # fp16 indices would be off by up to 64 cells there
+    for read in (gathered_plane_features, sampled_plane_features):
+        reference = read(x.float(), table.float(), 512, 1.0, 8, 64)  # the same points and values in fp32
+        half = read(x, table, 512, 1.0, 8, 64)
+        assert half.dtype == torch.float16 and (half.float() - reference).abs().max() < 0.02  # fp16 indices would be off by up to 64 cells there
 
 
 def test_surface_detail_learns_texture_finer_than_the_ray_grid(tmp_path: Path) -> None:

@@ -1,0 +1,176 @@
+"""How well can surface-texture planes alone draw a scene? The ceiling of the detail student's texture.
+
+Three feature planes (xy, xz, yz) and a small per-pixel decoder are fitted to a teacher's renders, read
+where each pixel's ray meets the teacher's own surface: no student network, no depth error. Held-out views
+(every 4th camera) are scored on the pixels the teacher draws opaque, against the teacher's renders. A
+plane layout whose ceiling is near the student's own score limits the student; one far above it does not.
+
+    python scripts/bench_texture_ceiling.py TEACHER_DIR WS/capture/transforms.json --views 24 --steps 3000 \
+        --variant "r512c4:resolution=512,channels=4" --variant "r1024c4:resolution=1024,channels=4"
+
+Variant keys: resolution (cells per side), channels (per plane), hidden (decoder width), layers (decoder
+hidden layers), box (cube: the student's [-radius, radius]^3; tight: the box of the surface points, per axis).
+Prints one JSON line per variant; the teacher's renders are cached in --cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+DEFAULTS = {"resolution": 512, "channels": 4, "hidden": 32, "layers": 1, "box": "cube"}
+
+
+def test_cameras(transforms: Path) -> tuple[np.ndarray, list[float], int, int]:
+    """The test cameras of a capture's nerfstudio ``transforms.json`` (c2w [N, 4, 4]; fx, fy, cx, cy; w; h),
+    read from the file alone (the images need not be there: this runs on a GPU machine without them)."""
+    meta = json.loads(transforms.read_text())
+    names = set(meta.get("test_filenames") or [])
+    frames = [f for f in meta["frames"] if f["file_path"] in names] or meta["frames"]
+    if any(k in f for f in frames for k in ("fl_x", "w")):
+        raise SystemExit(f"{transforms} has per-frame intrinsics: this benchmark takes one camera model")
+    c2w = np.asarray([f["transform_matrix"] for f in frames], np.float32)
+    return c2w, [float(meta[k]) for k in ("fl_x", "fl_y", "cx", "cy")], int(meta["w"]), int(meta["h"])
+
+
+def render_views(teacher_dir: Path, transforms: Path, views: int, cache: Path, device: torch.device) -> dict:
+    """Teacher renders of ``views`` test cameras at the capture's size: rgb, surface points, opaque masks."""
+    if cache.is_file():
+        return dict(np.load(cache))
+    from mg3d.teacher.model import Teacher
+    from mg3d.ui import progress
+
+    cameras, (fx, fy, cx, cy), w, h = test_cameras(transforms)
+    chosen = cameras[np.linspace(0, len(cameras) - 1, views).round().astype(int)]
+    teacher = Teacher.load(teacher_dir, device)
+    v, u = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
+    dirs = torch.stack([(u + 0.5 - cx) / fx, -(v + 0.5 - cy) / fy, -torch.ones_like(u)], -1).to(device)
+    dirs = dirs / dirs.norm(dim=-1, keepdim=True)  # camera space [H, W, 3]
+    rgbs, points, masks = [], [], []
+    with progress() as bar, torch.no_grad():
+        task = bar.add_task("teacher renders", total=len(chosen))
+        for pose in chosen:
+            c2w = torch.from_numpy(pose).to(device)[None]
+            out = teacher.render(c2w, fx, fy, cx, cy, w, h)
+            opacity = out["opacity"][0].float()
+            surface = out["depth"][0].float() / opacity.clamp(min=0.5)
+            rgbs.append(out["rgb"][0].float().cpu().numpy())
+            points.append((c2w[0, :3, 3] + dirs @ c2w[0, :3, :3].T * surface[..., None]).cpu().numpy())
+            masks.append((opacity > 0.5).cpu().numpy())
+            bar.advance(task)
+    data = {"rgb": np.stack(rgbs), "points": np.stack(points), "mask": np.stack(masks), "bound": np.float32(teacher.spec.bound)}
+    np.savez(cache, **data)
+    return data
+
+
+class Texture(nn.Module):
+    """Three feature planes over [-1, 1]^2 read bilinearly (border clamp), decoded per point to rgb."""
+
+    def __init__(self, resolution: int, channels: int, hidden: int, layers: int) -> None:
+        super().__init__()
+        self.planes = nn.Parameter(torch.empty(3, channels, resolution, resolution).uniform_(-1e-2, 1e-2))
+        dims = [3 * channels] + [hidden] * layers
+        body: list[nn.Module] = []
+        for a, b in zip(dims[:-1], dims[1:]):
+            body += [nn.Linear(a, b), nn.GELU(approximate="tanh")]
+        self.decoder = nn.Sequential(*body, nn.Linear(dims[-1], 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [N, 3] in [-1, 1]^3 -> rgb [N, 3]."""
+        uv = torch.stack([x[:, [0, 1]], x[:, [0, 2]], x[:, [1, 2]]])[:, :, None, :]  # [3, N, 1, 2]
+        f = nn.functional.grid_sample(self.planes, uv, mode="bilinear", padding_mode="border", align_corners=True)  # [3, C, N, 1]
+        return torch.sigmoid(self.decoder(f[..., 0].permute(2, 0, 1).reshape(len(x), -1)))
+
+
+def encode(points: np.ndarray, box: str, bound: float, train_points: np.ndarray) -> torch.Tensor:
+    """Surface points [N, 3] -> plane coordinates in [-1, 1]^3: the student's contraction of p / radius
+    (cube; surface points of a bounded scene lie inside, where it is the identity), or per axis over the
+    box of the training views' surface points with a 2% margin (tight)."""
+    p = torch.from_numpy(points).float()
+    if box == "cube":
+        return (p / bound).clamp(-1, 1)
+    lo, hi = (torch.from_numpy(q).float() for q in (train_points.min(0), train_points.max(0)))
+    centre, half = (lo + hi) / 2, (hi - lo) / 2 * 1.02
+    return ((p - centre) / half).clamp(-1, 1)
+
+
+def fit(data: dict, options: dict, steps: int, batch: int, seed: int, device: torch.device) -> dict:
+    torch.manual_seed(seed)
+    n = len(data["rgb"])
+    held = np.arange(n) % 4 == 3
+    pts_train, rgb_train = data["points"][~held][data["mask"][~held]], data["rgb"][~held][data["mask"][~held]]
+    pts_test, rgb_test = data["points"][held][data["mask"][held]], data["rgb"][held][data["mask"][held]]
+    x_train = encode(pts_train, options["box"], float(data["bound"]), pts_train).to(device)
+    x_test = encode(pts_test, options["box"], float(data["bound"]), pts_train).to(device)
+    y_train, y_test = torch.from_numpy(rgb_train).float().to(device), torch.from_numpy(rgb_test).float().to(device)
+    model = Texture(options["resolution"], options["channels"], options["hidden"], options["layers"]).to(device)
+    optimizer = torch.optim.Adam([{"params": [model.planes], "lr": 1e-2}, {"params": model.decoder.parameters(), "lr": 1e-3}], eps=1e-15)
+    t0 = time.perf_counter()
+    for step in range(steps):
+        for group, base in zip(optimizer.param_groups, (1e-2, 1e-3)):
+            group["lr"] = base * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        idx = torch.randint(len(x_train), (batch,), device=device)
+        loss = nn.functional.mse_loss(model(x_train[idx]), y_train[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    def psnr(x: torch.Tensor, y: torch.Tensor) -> float:
+        with torch.no_grad():
+            mse = torch.cat([(model(x[i : i + (1 << 16)]) - y[i : i + (1 << 16)]).square().mean(1) for i in range(0, len(x), 1 << 16)]).mean()
+        return float(-10 * torch.log10(mse))
+
+    test_fraction = float(data["mask"][held].mean())  # opaque share of the held-out images (the rest: background)
+    test_psnr = psnr(x_test, y_test)
+    return {
+        "options": options, "steps": steps, "fit_s": round(time.perf_counter() - t0, 1), "train_views": int((~held).sum()), "test_views": int(held.sum()),
+        "train_psnr_opaque": round(psnr(x_train, y_train), 2), "test_psnr_opaque": round(test_psnr, 2),
+        "test_psnr_image": round(test_psnr - 10 * math.log10(test_fraction), 2),  # the same error over whole images with an exact background
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("teacher", type=Path, help="the teacher's folder (teacher.json + teacher.safetensors)")
+    parser.add_argument("transforms", type=Path, help="the capture's transforms.json (its test cameras are used)")
+    parser.add_argument("--views", type=int, default=24)
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--batch", type=int, default=1 << 16, help="pixels per step")
+    parser.add_argument("--variant", action="append", default=[], help="TAG:KEY=VALUE,... (keys: " + ", ".join(DEFAULTS) + ")")
+    parser.add_argument("--cache", type=Path, default=Path("texture_views.npz"))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--out", type=Path, help="also append each JSON line to this file")
+    parser.add_argument("--seed", type=int, default=0)
+    opts = parser.parse_args()
+
+    torch.set_num_threads(opts.threads)
+    device = torch.device(opts.device)
+    data = render_views(opts.teacher, opts.transforms, opts.views, opts.cache, device)
+    for item in opts.variant or ["base:"]:
+        tag, _, sets = item.partition(":")
+        options = dict(DEFAULTS)
+        for pair in filter(None, sets.split(",")):
+            key, value = pair.split("=", 1)
+            if key not in DEFAULTS:
+                raise SystemExit(f"unknown variant key {key!r}: use " + ", ".join(DEFAULTS))
+            options[key] = value if key == "box" else int(value)
+        if options["box"] not in ("cube", "tight"):
+            raise SystemExit(f"box {options['box']!r} is unknown: use cube or tight")
+        line = json.dumps({"tag": tag, "device": str(device), **fit(data, options, opts.steps, opts.batch, opts.seed, device)})
+        print(line, flush=True)
+        if opts.out:
+            with opts.out.open("a") as f:
+                f.write(line + "\n")
+
+
+if __name__ == "__main__":
+    main()
