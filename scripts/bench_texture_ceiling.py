@@ -1,16 +1,21 @@
 """How well can surface-texture planes alone draw a scene? The ceiling of the detail student's texture.
 
 Three feature planes (xy, xz, yz) and a small per-pixel decoder are fitted to a teacher's renders, read
-where each pixel's ray meets the teacher's own surface: no student network, no depth error. Held-out views
-(every 4th camera) are scored on the pixels the teacher draws opaque, against the teacher's renders. A
-plane layout whose ceiling is near the student's own score limits the student; one far above it does not.
+where each pixel's ray meets the teacher's own surface: no student network, no depth error. The teacher
+renders ``--views`` test cameras; 3 of every 4 are fitted and the 4th scored, on the pixels the teacher
+draws opaque, against its renders. With ``--pseudo WS/distill`` the fit is to the pseudo views the student
+trains on (the teacher's renders and surface distances) and every rendered test view is scored. A plane
+layout whose ceiling is near the student's own score limits the student; one far above it does not.
 
     python scripts/bench_texture_ceiling.py TEACHER_DIR WS/capture/transforms.json --views 24 --steps 3000 \
         --variant "r512c4:resolution=512,channels=4" --variant "r1024c4:resolution=1024,channels=4"
+    python scripts/bench_texture_ceiling.py WS/teacher WS/capture/transforms.json --views 200 --pseudo WS/distill \
+        --device cuda --batch 262144 --variant "r512c4:" --variant "r512c4v:view=1"
 
 Variant keys: resolution (cells per side), channels (per plane), hidden (decoder width), layers (decoder
-hidden layers), box (cube: the student's [-radius, radius]^3; tight: the box of the surface points, per axis).
-Prints one JSON line per variant; the teacher's renders are cached in --cache.
+hidden layers), box (cube: the student's [-radius, radius]^3; tight: the box of the surface points, per axis),
+view (1: the decoder also sees the viewing direction). Prints one JSON line per variant; the teacher's
+renders are cached in --cache.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-DEFAULTS = {"resolution": 512, "channels": 4, "hidden": 32, "layers": 1, "box": "cube"}
+DEFAULTS = {"resolution": 512, "channels": 4, "hidden": 32, "layers": 1, "box": "cube", "view": 0}
 
 
 def test_cameras(transforms: Path) -> tuple[np.ndarray, list[float], int, int]:
@@ -53,7 +58,7 @@ def render_views(teacher_dir: Path, transforms: Path, views: int, cache: Path, d
     v, u = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
     dirs = torch.stack([(u + 0.5 - cx) / fx, -(v + 0.5 - cy) / fy, -torch.ones_like(u)], -1).to(device)
     dirs = dirs / dirs.norm(dim=-1, keepdim=True)  # camera space [H, W, 3]
-    rgbs, points, masks = [], [], []
+    rgbs, points, masks, origins = [], [], [], []
     with progress() as bar, torch.no_grad():
         task = bar.add_task("teacher renders", total=len(chosen))
         for pose in chosen:
@@ -64,29 +69,36 @@ def render_views(teacher_dir: Path, transforms: Path, views: int, cache: Path, d
             rgbs.append(out["rgb"][0].float().cpu().numpy())
             points.append((c2w[0, :3, 3] + dirs @ c2w[0, :3, :3].T * surface[..., None]).cpu().numpy())
             masks.append((opacity > 0.5).cpu().numpy())
+            origins.append(pose[:3, 3])
             bar.advance(task)
-    data = {"rgb": np.stack(rgbs), "points": np.stack(points), "mask": np.stack(masks), "bound": np.float32(teacher.spec.bound)}
+    data = {"rgb": np.stack(rgbs), "points": np.stack(points), "mask": np.stack(masks), "origins": np.stack(origins), "bound": np.float32(teacher.spec.bound)}
     np.savez(cache, **data)
     return data
 
 
 class Texture(nn.Module):
-    """Three feature planes over [-1, 1]^2 read bilinearly (border clamp), decoded per point to rgb."""
+    """Three feature planes over [-1, 1]^2 read bilinearly (border clamp), decoded per point to rgb; with
+    ``view`` the decoder also takes the viewing direction and sines of it (2 frequencies): 15 more inputs."""
 
-    def __init__(self, resolution: int, channels: int, hidden: int, layers: int) -> None:
+    def __init__(self, resolution: int, channels: int, hidden: int, layers: int, view: bool = False) -> None:
         super().__init__()
+        self.view = view
         self.planes = nn.Parameter(torch.empty(3, channels, resolution, resolution).uniform_(-1e-2, 1e-2))
-        dims = [3 * channels] + [hidden] * layers
+        dims = [3 * channels + (15 if view else 0)] + [hidden] * layers
         body: list[nn.Module] = []
         for a, b in zip(dims[:-1], dims[1:]):
             body += [nn.Linear(a, b), nn.GELU(approximate="tanh")]
         self.decoder = nn.Sequential(*body, nn.Linear(dims[-1], 3))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [N, 3] in [-1, 1]^3 -> rgb [N, 3]."""
+    def forward(self, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        """x [N, 3] in [-1, 1]^3, unit viewing directions d [N, 3] -> rgb [N, 3]."""
         uv = torch.stack([x[:, [0, 1]], x[:, [0, 2]], x[:, [1, 2]]])[:, :, None, :]  # [3, N, 1, 2]
         f = nn.functional.grid_sample(self.planes, uv, mode="bilinear", padding_mode="border", align_corners=True)  # [3, C, N, 1]
-        return torch.sigmoid(self.decoder(f[..., 0].permute(2, 0, 1).reshape(len(x), -1)))
+        f = f[..., 0].permute(2, 0, 1).reshape(len(x), -1)
+        if self.view:
+            angles = torch.cat([d * math.pi, d * 2 * math.pi], 1)
+            f = torch.cat([f, d, torch.sin(angles), torch.cos(angles)], 1)
+        return torch.sigmoid(self.decoder(f))
 
 
 def encode(points: np.ndarray, box: str, bound: float, train_points: np.ndarray) -> torch.Tensor:
@@ -101,38 +113,76 @@ def encode(points: np.ndarray, box: str, bound: float, train_points: np.ndarray)
     return ((p - centre) / half).clamp(-1, 1)
 
 
-def fit(data: dict, options: dict, steps: int, batch: int, seed: int, device: torch.device) -> dict:
+def flatten(data: dict, views: np.ndarray) -> dict:
+    """The opaque pixels of the given rendered views as flat arrays: points, rgb and unit viewing directions
+    [N, 3] (directions need the cameras' origins, which caches made before they were stored lack)."""
+    mask = data["mask"][views]
+    points = data["points"][views][mask]
+    out = {"points": points, "rgb": data["rgb"][views][mask], "fraction": float(mask.mean())}
+    if "origins" in data:
+        origin = np.broadcast_to(data["origins"][views][:, None, None, :], data["points"][views].shape)[mask]
+        d = points - origin
+        out["dirs"] = d / np.linalg.norm(d, axis=1, keepdims=True)
+    return out
+
+
+def pseudo_views(folder: Path, limit: int) -> dict:
+    """The opaque pixels of a workspace's pseudo views (``WS/distill``: the teacher's renders and surface
+    distances at the cameras the student trains on) as flat arrays, like :func:`flatten`."""
+    from mg3d.student.distill import PseudoData
+
+    data = PseudoData(folder)
+    if not data.has_surfaces:
+        raise SystemExit(f"the pseudo views in {folder} have no surface distances: redo them with mg3d distill WS --force")
+    m = data.meta
+    v, u = np.meshgrid(np.arange(m["height"], dtype=np.float32), np.arange(m["width"], dtype=np.float32), indexing="ij")
+    cam = np.stack([(u + 0.5 - m["cx"]) / m["fx"], -(v + 0.5 - m["cy"]) / m["fy"], -np.ones_like(u)], -1)
+    cam /= np.linalg.norm(cam, axis=-1, keepdims=True)
+    points, rgb, dirs = [], [], []
+    for i in range(min(limit, len(data)) if limit else len(data)):
+        surface = data.surface(np.array([i]))[0].astype(np.float32)
+        opaque = surface > 0
+        d = cam[opaque] @ data.cameras[i, :3, :3].T
+        points.append(data.cameras[i, :3, 3] + d * surface[opaque][:, None])
+        image = data.images(np.array([i]))[0][opaque]
+        rgb.append(image.astype(np.float32) / 255.0 if image.dtype == np.uint8 else image.astype(np.float32))
+        dirs.append(d)
+    return {"points": np.concatenate(points), "rgb": np.concatenate(rgb), "dirs": np.concatenate(dirs), "views": len(points)}
+
+
+def fit(train: dict, test: dict, bound: float, options: dict, steps: int, batch: int, seed: int, device: torch.device) -> dict:
+    """Fit one texture to ``train`` and score it on ``test`` (flat arrays of :func:`flatten`)."""
     torch.manual_seed(seed)
-    n = len(data["rgb"])
-    held = np.arange(n) % 4 == 3
-    pts_train, rgb_train = data["points"][~held][data["mask"][~held]], data["rgb"][~held][data["mask"][~held]]
-    pts_test, rgb_test = data["points"][held][data["mask"][held]], data["rgb"][held][data["mask"][held]]
-    x_train = encode(pts_train, options["box"], float(data["bound"]), pts_train).to(device)
-    x_test = encode(pts_test, options["box"], float(data["bound"]), pts_train).to(device)
-    y_train, y_test = torch.from_numpy(rgb_train).float().to(device), torch.from_numpy(rgb_test).float().to(device)
-    model = Texture(options["resolution"], options["channels"], options["hidden"], options["layers"]).to(device)
+    if options["view"] and "dirs" not in train:
+        raise SystemExit("view=1 needs the cameras' origins, which this cache lacks: delete it (--cache) and render again")
+    x_train = encode(train["points"], options["box"], bound, train["points"]).to(device)
+    x_test = encode(test["points"], options["box"], bound, train["points"]).to(device)
+    y_train, y_test = (torch.from_numpy(np.ascontiguousarray(a["rgb"])).float().to(device) for a in (train, test))
+    d_train, d_test = (torch.from_numpy(np.ascontiguousarray(a["dirs"])).float().to(device) if "dirs" in a else torch.zeros(len(a["points"]), 3, device=device) for a in (train, test))
+    model = Texture(options["resolution"], options["channels"], options["hidden"], options["layers"], bool(options["view"])).to(device)
     optimizer = torch.optim.Adam([{"params": [model.planes], "lr": 1e-2}, {"params": model.decoder.parameters(), "lr": 1e-3}], eps=1e-15)
     t0 = time.perf_counter()
     for step in range(steps):
         for group, base in zip(optimizer.param_groups, (1e-2, 1e-3)):
             group["lr"] = base * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * step / steps)))
         idx = torch.randint(len(x_train), (batch,), device=device)
-        loss = nn.functional.mse_loss(model(x_train[idx]), y_train[idx])
+        loss = nn.functional.mse_loss(model(x_train[idx], d_train[idx]), y_train[idx])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
-    def psnr(x: torch.Tensor, y: torch.Tensor) -> float:
+    def psnr(x: torch.Tensor, d: torch.Tensor, y: torch.Tensor) -> float:
+        chunk = 1 << 16
         with torch.no_grad():
-            mse = torch.cat([(model(x[i : i + (1 << 16)]) - y[i : i + (1 << 16)]).square().mean(1) for i in range(0, len(x), 1 << 16)]).mean()
+            mse = torch.cat([(model(x[i : i + chunk], d[i : i + chunk]) - y[i : i + chunk]).square().mean(1) for i in range(0, len(x), chunk)]).mean()
         return float(-10 * torch.log10(mse))
 
-    test_fraction = float(data["mask"][held].mean())  # opaque share of the held-out images (the rest: background)
-    test_psnr = psnr(x_test, y_test)
+    test_psnr = psnr(x_test, d_test, y_test)
     return {
-        "options": options, "steps": steps, "fit_s": round(time.perf_counter() - t0, 1), "train_views": int((~held).sum()), "test_views": int(held.sum()),
-        "train_psnr_opaque": round(psnr(x_train, y_train), 2), "test_psnr_opaque": round(test_psnr, 2),
-        "test_psnr_image": round(test_psnr - 10 * math.log10(test_fraction), 2),  # the same error over whole images with an exact background
+        "options": options, "steps": steps, "fit_s": round(time.perf_counter() - t0, 1),
+        "fit_pixels": len(x_train), "test_pixels": len(x_test),
+        "train_psnr_opaque": round(psnr(x_train, d_train, y_train), 2), "test_psnr_opaque": round(test_psnr, 2),
+        "test_psnr_image": round(test_psnr - 10 * math.log10(test["fraction"]), 2),  # the same error over whole images with an exact background
         "parameters": sum(p.numel() for p in model.parameters()),
     }
 
@@ -149,12 +199,22 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--out", type=Path, help="also append each JSON line to this file")
+    parser.add_argument("--pseudo", type=Path, help="fit a workspace's pseudo views (WS/distill) and score all the rendered test views")
+    parser.add_argument("--pseudo-views", type=int, default=0, help="use the first N pseudo views (0: all)")
     parser.add_argument("--seed", type=int, default=0)
     opts = parser.parse_args()
 
     torch.set_num_threads(opts.threads)
     device = torch.device(opts.device)
     data = render_views(opts.teacher, opts.transforms, opts.views, opts.cache, device)
+    every = np.arange(len(data["rgb"]))
+    if opts.pseudo:  # fit the student's own pseudo views, score every rendered test view
+        train = pseudo_views(opts.pseudo, opts.pseudo_views)
+        test = flatten(data, every >= 0)
+        split = {"fit_views": train["views"], "fit_on": "pseudo views", "test_views": len(every)}
+    else:  # fit 3 of every 4 rendered test views, score the 4th
+        train, test = flatten(data, every % 4 != 3), flatten(data, every % 4 == 3)
+        split = {"fit_views": int((every % 4 != 3).sum()), "fit_on": "test views", "test_views": int((every % 4 == 3).sum())}
     for item in opts.variant or ["base:"]:
         tag, _, sets = item.partition(":")
         options = dict(DEFAULTS)
@@ -165,7 +225,7 @@ def main() -> None:
             options[key] = value if key == "box" else int(value)
         if options["box"] not in ("cube", "tight"):
             raise SystemExit(f"box {options['box']!r} is unknown: use cube or tight")
-        line = json.dumps({"tag": tag, "device": str(device), **fit(data, options, opts.steps, opts.batch, opts.seed, device)})
+        line = json.dumps({"tag": tag, "device": str(device), **split, **fit(train, test, float(data["bound"]), options, opts.steps, opts.batch, opts.seed, device)})
         print(line, flush=True)
         if opts.out:
             with opts.out.open("a") as f:
