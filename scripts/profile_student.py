@@ -60,16 +60,10 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke test of this script")
     opts = parser.parse_args()
 
-    import yaml
-
-    from mg3d.student import StudentConfig
-    from mg3d.student.distill import PseudoData
     from mg3d.student.model import NeLF, StudentSpec
-    from mg3d.student.train import train
 
     opts.out.mkdir(parents=True, exist_ok=True)
     device = torch.device(opts.device)
-    cuda = device.type == "cuda"
     if (opts.student / "student.safetensors").is_file():
         trained = NeLF.load(opts.student, device).eval()
     else:  # only the spec: random weights, and for an occupancy student a solid ball half the scene's radius
@@ -81,7 +75,21 @@ def main() -> None:
             trained.detail.set_occupancy((cell.norm(dim=-1) < 0.5).to(torch.uint8).to(device))
     frames = json.loads(opts.cameras.read_text())["frames"]
     c2w_train = np.asarray([f["transform_matrix"] for f in frames], np.float64)
-    tmp = Path(tempfile.mkdtemp())
+    with tempfile.TemporaryDirectory() as folder:  # the pseudo views and checkpoints go when it ends
+        results = run(trained, c2w_train, opts, Path(folder), device)
+    (opts.out / "train_speed.json").write_text(json.dumps({"gpu": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "views": opts.views, "results": results}, indent=1))
+
+
+def run(trained, c2w_train: np.ndarray, opts: argparse.Namespace, tmp: Path, device: torch.device) -> dict:
+    """Pseudo views of ``trained`` in ``tmp``, then each variant's training throughput (and profile)."""
+    import yaml
+
+    from mg3d.student import StudentConfig
+    from mg3d.student.distill import PseudoData
+    from mg3d.student.model import NeLF
+    from mg3d.student.train import train
+
+    cuda = device.type == "cuda"
     t0 = time.perf_counter()
     fake_distill(trained, c2w_train, opts.views, tmp / "distill", device)
     print(f"pseudo data: {opts.views} views in {time.perf_counter() - t0:.1f} s", flush=True)
@@ -103,6 +111,7 @@ def main() -> None:
         results[tag] = {"options": values, **metrics}
         print(tag, json.dumps(results[tag]), flush=True)
         if tag in opts.profile:
+            from torch.autograd import DeviceType
             from torch.profiler import ProfilerActivity, profile
 
             steps = 30 if cuda else 2
@@ -113,8 +122,6 @@ def main() -> None:
                     torch.cuda.synchronize()
                 wall = time.perf_counter() - t
             table = prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=30, max_name_column_width=60)
-            from torch.autograd import DeviceType
-
             kernels = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]  # the kernels, not the ops that launch them
             busy = sum(e.self_device_time_total for e in kernels) / 1000 / steps
             # both figures include the run's setup (data to the GPU, the march of every view), spread over the steps
@@ -122,7 +129,7 @@ def main() -> None:
             print(summary, flush=True)
             print(table, flush=True)
             (opts.out / f"profile_{tag}.txt").write_text(summary + "\n" + table)
-    (opts.out / "train_speed.json").write_text(json.dumps({"gpu": torch.cuda.get_device_name() if cuda else "cpu", "views": opts.views, "results": results}, indent=1))
+    return results
 
 
 if __name__ == "__main__":
