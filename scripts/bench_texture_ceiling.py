@@ -47,8 +47,12 @@ def test_cameras(transforms: Path) -> tuple[np.ndarray, list[float], int, int]:
 
 def render_views(teacher_dir: Path, transforms: Path, views: int, cache: Path, device: torch.device) -> dict:
     """Teacher renders of ``views`` test cameras at the capture's size: rgb, surface points, opaque masks."""
+    source = f"{teacher_dir.resolve()}|{transforms.resolve()}|{views}"
     if cache.is_file():
-        return dict(np.load(cache))
+        data = dict(np.load(cache))
+        if str(data.get("source", "")) == source:
+            return data
+        print(f"{cache} holds other renders: rendering again", flush=True)
     from mg3d.teacher.model import Teacher
     from mg3d.ui import progress
 
@@ -71,7 +75,7 @@ def render_views(teacher_dir: Path, transforms: Path, views: int, cache: Path, d
             masks.append((opacity > 0.5).cpu().numpy())
             origins.append(pose[:3, 3])
             bar.advance(task)
-    data = {"rgb": np.stack(rgbs), "points": np.stack(points), "mask": np.stack(masks), "origins": np.stack(origins), "bound": np.float32(teacher.spec.bound)}
+    data = {"rgb": np.stack(rgbs), "points": np.stack(points), "mask": np.stack(masks), "origins": np.stack(origins), "bound": np.float32(teacher.spec.bound), "source": np.array(source)}
     np.savez(cache, **data)
     return data
 
