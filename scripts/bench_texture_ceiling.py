@@ -45,6 +45,13 @@ def test_cameras(transforms: Path) -> tuple[np.ndarray, list[float], int, int]:
     return c2w, [float(meta[k]) for k in ("fl_x", "fl_y", "cx", "cy")], int(meta["w"]), int(meta["h"])
 
 
+def pixel_directions(fx: float, fy: float, cx: float, cy: float, w: int, h: int) -> np.ndarray:
+    """Unit directions [H, W, 3] float32 through the pixel centres, camera space (OpenGL: looking down -z)."""
+    v, u = np.meshgrid(np.arange(h, dtype=np.float32), np.arange(w, dtype=np.float32), indexing="ij")
+    d = np.stack([(u + 0.5 - cx) / fx, -(v + 0.5 - cy) / fy, -np.ones_like(u)], -1).astype(np.float32)
+    return d / np.linalg.norm(d, axis=-1, keepdims=True)
+
+
 def render_views(teacher_dir: Path, transforms: Path, views: int, cache: Path, device: torch.device) -> dict:
     """Teacher renders of ``views`` test cameras at the capture's size: rgb, surface points, opaque masks."""
     source = f"{teacher_dir.resolve()}|{transforms.resolve()}|{views}"
@@ -59,9 +66,7 @@ def render_views(teacher_dir: Path, transforms: Path, views: int, cache: Path, d
     cameras, (fx, fy, cx, cy), w, h = test_cameras(transforms)
     chosen = cameras[np.linspace(0, len(cameras) - 1, views).round().astype(int)]
     teacher = Teacher.load(teacher_dir, device)
-    v, u = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
-    dirs = torch.stack([(u + 0.5 - cx) / fx, -(v + 0.5 - cy) / fy, -torch.ones_like(u)], -1).to(device)
-    dirs = dirs / dirs.norm(dim=-1, keepdim=True)  # camera space [H, W, 3]
+    dirs = torch.from_numpy(pixel_directions(fx, fy, cx, cy, w, h)).to(device)
     rgbs, points, masks, origins = [], [], [], []
     with progress() as bar, torch.no_grad():
         task = bar.add_task("teacher renders", total=len(chosen))
@@ -139,9 +144,7 @@ def pseudo_views(folder: Path, limit: int) -> dict:
     if not data.has_surfaces:
         raise SystemExit(f"the pseudo views in {folder} have no surface distances: redo them with mg3d distill WS --force")
     m = data.meta
-    v, u = np.meshgrid(np.arange(m["height"], dtype=np.float32), np.arange(m["width"], dtype=np.float32), indexing="ij")
-    cam = np.stack([(u + 0.5 - m["cx"]) / m["fx"], -(v + 0.5 - m["cy"]) / m["fy"], -np.ones_like(u)], -1)
-    cam /= np.linalg.norm(cam, axis=-1, keepdims=True)
+    cam = pixel_directions(m["fx"], m["fy"], m["cx"], m["cy"], m["width"], m["height"])
     points, rgb, dirs = [], [], []
     for i in range(min(limit, len(data)) if limit else len(data)):
         surface = data.surface(np.array([i]))[0].astype(np.float32)
