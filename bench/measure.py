@@ -121,6 +121,10 @@ def estimate_row(profile: DeviceProfile, spec: Any, precision: str, name: str) -
     if spec.detail:  # the surface-detail planes, and per pixel the 12 corner reads and the fuse
         params += 3 * spec.detail_resolution**2 * spec.detail
         elements += pixels * scale * scale * (12 * spec.detail + 2 * c + 3 * spec.detail)
+    for _ in range(spec.head_layers):  # the head's hidden 1x1 layers at every pixel
+        params += c * spec.head_width + spec.head_width
+        elements += pixels * scale * scale * spec.head_width
+        c = spec.head_width
     act_bytes = 2 if precision != "fp32" else 4  # int8 models keep fp16/fp32 activations in places; count 2
     row = _label(profile, spec, precision, name)
     row.update(estimate(profile, macs_per_frame(spec), params * _BYTES[precision], elements * act_bytes, precision))

@@ -51,27 +51,47 @@ def _shipped(model):
     return fold_batchnorm(model).half().to(memory_format=torch.channels_last)
 
 
-def _student_times(model, pose, repeats: int, cuda: bool, prefix: str = "student", eager: bool = True) -> dict:
+def _student_times(model, pose, repeats: int, cuda: bool, prefix: str = "student", eager: bool = True, fns: dict | None = None) -> dict:
     """Frame times (ms) of one student: on CUDA fp16 with BatchNorm folded into the convs under CUDA graphs
-    (how it ships), and with ``eager`` also eager fp16 (unfolded), bf16 autocast and fp32; on a CPU fp32."""
+    (how it ships), and with ``eager`` also eager fp16 (unfolded), bf16 autocast and fp32; on a CPU fp32.
+    ``fns``: filled with each timed form's callable, by its key (for :func:`_rounds`)."""
     import torch
 
-    result = {}
+    result, fns = {}, {} if fns is None else fns
+
+    def timed(key: str, fn) -> None:
+        fns[key] = fn
+        result[key] = 1000 * _timed(fn, repeats, cuda)
+
     if cuda:
         try:
             graphed = torch.compile(_shipped(model), mode="reduce-overhead")  # CUDA graphs: no per-layer launch cost
-            result[f"{prefix}_fp16_folded_cudagraph_ms"] = 1000 * _timed(lambda: graphed(pose.half()), repeats, cuda)
+            timed(f"{prefix}_fp16_folded_cudagraph_ms", lambda: graphed(pose.half()))
         except Exception as exc:  # noqa: BLE001 - a compiler failure loses one row, not the run
             result[f"{prefix}_fp16_cudagraph_error"] = f"{exc.__class__.__name__}: {str(exc)[:200]}"
         if not eager:
             return result
         half = copy.deepcopy(model).half().to(memory_format=torch.channels_last)
-        result[f"{prefix}_fp16_ms"] = 1000 * _timed(lambda: half(pose.half()), repeats, cuda)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            result[f"{prefix}_bf16_autocast_ms"] = 1000 * _timed(lambda: model(pose), repeats, cuda)
-    result[f"{prefix}_fp32_ms"] = 1000 * _timed(lambda: model(pose), repeats, cuda)
+        timed(f"{prefix}_fp16_ms", lambda: half(pose.half()))
+
+        def bf16() -> None:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                model(pose)
+
+        timed(f"{prefix}_bf16_autocast_ms", bf16)
+    timed(f"{prefix}_fp32_ms", lambda: model(pose))
     print(prefix, json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}), flush=True)
     return result
+
+
+def _rounds(student, teacher, rounds: int, repeats: int, cuda: bool) -> tuple[list[float], list[float]]:
+    """Student and teacher frame times (ms), timed in turn ``rounds`` times: a GPU's clocks and a host's
+    load drift over a run, and a ratio of two times taken minutes apart carries that drift."""
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(rounds):
+        times[0].append(1000 * _timed(student, repeats, cuda))
+        times[1].append(1000 * _timed(teacher, max(3, repeats // 4), cuda))
+    return times
 
 
 def _kernel_table(model, pose, rows: int = 15) -> list[list]:
@@ -91,9 +111,11 @@ def _kernel_table(model, pose, rows: int = 15) -> list[list]:
     return [[e.key[:90], e.count, round(e.device_time_total, 1)] for e in events[:rows]]
 
 
-def speed(ws: Path, student_dir: Path, repeats: int, threads: int, onnx_models: tuple[Path, ...] = (), variants: tuple[str, ...] = (), kernels: bool = False) -> dict:
+def speed(ws: Path, student_dir: Path, repeats: int, threads: int, onnx_models: tuple[Path, ...] = (), variants: tuple[str, ...] = (), kernels: bool = False, rounds: int = 5) -> dict:
     """Student vs teacher frame time at the student's resolution on one held-out camera (and the student's
-    exported ONNX files ``onnx_models`` on onnxruntime). ``variants`` ("key=value,key=value"): students of
+    exported ONNX files ``onnx_models`` on onnxruntime). Every form of the student is timed once; then its
+    fastest form and the teacher are timed in turn ``rounds`` times, and ``speedup`` is the median of the
+    rounds' ratios (``student_ms``, ``teacher_ms``: the medians of their times). ``variants`` ("key=value,key=value"): students of
     this spec changed so, random weights (a frame costs the same whatever the weights), timed alongside."""
     import dataclasses
 
@@ -119,29 +141,35 @@ def speed(ws: Path, student_dir: Path, repeats: int, threads: int, onnx_models: 
         teacher.compile_kernels()
     pose = c2w[None].to(device)
     result = {"resolution": [w, h], "device": torch.cuda.get_device_name() if cuda else f"{platform.processor() or 'cpu'} ({torch.get_num_threads()} threads)"}
+    fns: dict = {}
     with torch.no_grad():
-        result.update(_student_times(student, pose, repeats, cuda))
+        result.update(_student_times(student, pose, repeats, cuda, fns=fns))
         for path in onnx_models:  # exported variants on onnxruntime's CPU provider, same camera
             from mg3d.export.onnxmodel import session
 
             sess, feed = session(path, threads), {"c2w": pose.cpu().numpy()}
-            result[f"student_ort_{path.stem.replace('.', '_')}_ms"] = 1000 * _timed(lambda: sess.run(None, feed), repeats, False)
-        result["teacher_ms"] = 1000 * _timed(lambda: teacher.render(pose, *intr, w, h), max(3, repeats // 4), cuda)
+            key = f"student_ort_{path.stem.replace('.', '_')}_ms"
+            fns[key] = lambda sess=sess, feed=feed: sess.run(None, feed)
+            result[key] = 1000 * _timed(fns[key], repeats, False)
+        fastest = min(fns, key=lambda k: result[k])
+        student_ms, teacher_ms = _rounds(fns[fastest], lambda: teacher.render(pose, *intr, w, h), rounds, repeats, cuda)
+        result.update({"fastest": fastest, "student_ms_rounds": student_ms, "teacher_ms_rounds": teacher_ms})
+        result["student_ms"], result["teacher_ms"] = statistics.median(student_ms), statistics.median(teacher_ms)
         if kernels and cuda:
             result["kernels"] = _kernel_table(student, pose)
         for k, variant in enumerate(variants):
             spec = dataclasses.replace(student.spec, **_pairs(variant.split(",")))
             result[f"variant{k}"] = variant
             result.update(_student_times(NeLF(spec).to(device).eval(), pose, repeats, cuda, prefix=f"variant{k}", eager=False))
-    best = min(v for k, v in result.items() if k.startswith("student_") and k.endswith("_ms"))
-    result["student_fps"] = round(1000 / best, 1)
+    result["student_fps"] = round(1000 / result["student_ms"], 1)
     result["teacher_fps"] = round(1000 / result["teacher_ms"], 2)
-    result["speedup"] = round(result["teacher_ms"] / best, 1)
+    result["speedup"] = round(statistics.median(t / s for s, t in zip(student_ms, teacher_ms)), 1)
     for k in range(len(variants)):
         times = [v for key, v in result.items() if key.startswith(f"variant{k}_") and key.endswith("_ms")]
         if times:
             result[f"variant{k}_speedup"] = round(result["teacher_ms"] / min(times), 1)
-    return {k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}
+    rounded = lambda v: round(v, 3) if isinstance(v, float) else [rounded(x) for x in v] if isinstance(v, list) else v  # noqa: E731
+    return {k: rounded(v) for k, v in result.items()}
 
 
 def _pairs(items: list[str]) -> dict:
@@ -162,6 +190,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="student option KEY=VALUE (YAML value)")
     parser.add_argument("--teacher-set", action="append", default=[], help="teacher option KEY=VALUE (YAML value)")
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=5, help="speed: student and teacher timed in turn this many times")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for the speed phase (0: torch's default)")
     parser.add_argument("--onnx", type=Path, action="append", default=[], help="speed phase: also time this exported model on onnxruntime")
     parser.add_argument("--variant", action="append", default=[], help="speed phase: also time a random-weight student of this spec changed so (KEY=VALUE,KEY=VALUE)")
@@ -213,7 +242,7 @@ def main() -> None:
         for png in sorted((keep / "renders").glob("*.png"))[:2]:
             shutil.copy(png, opts.out / f"student_{opts.tag}_{png.name}")
     if "speed" in phases:
-        write(f"speed_{opts.tag}", speed(opts.ws, opts.ws / f"student_{opts.tag}", opts.repeats, opts.threads, tuple(opts.onnx), tuple(opts.variant), opts.kernels))
+        write(f"speed_{opts.tag}", speed(opts.ws, opts.ws / f"student_{opts.tag}", opts.repeats, opts.threads, tuple(opts.onnx), tuple(opts.variant), opts.kernels, opts.rounds))
 
 
 if __name__ == "__main__":

@@ -43,11 +43,20 @@ def main() -> None:
         from mg3d.teacher.model import Teacher
 
         teacher = Teacher.load(opts.teacher, torch.device("cpu"))
-        w, h = model.spec.width_px, model.spec.height_px
-        renderers["teacher"] = lambda c2w: teacher.render(c2w[None], model.spec.fx, model.spec.fy, model.spec.cx, model.spec.cy, w, h)["rgb"][0]
+        s, renders = model.spec, {}
+
+        def render_teacher(c2w: torch.Tensor) -> dict:
+            """The teacher's render of a camera, kept: its colours are scored and its surface is read."""
+            key = c2w.numpy().tobytes()
+            if key not in renders:
+                out = teacher.render(c2w[None], s.fx, s.fy, s.cx, s.cy, s.width_px, s.height_px)
+                renders[key] = {"rgb": out["rgb"][0], "surface": teacher.surface(out)}
+            return renders[key]
+
+        renderers["teacher"] = lambda c2w: render_teacher(c2w)["rgb"]
         if model.spec.detail:  # the detail planes read at the teacher's surface: what the student's own depth costs
             errors = []
-            renderers["student_at_teacher_depth"] = lambda c2w: model(c2w[None], surface=teacher_surface(teacher, model, c2w, errors))[0].permute(1, 2, 0)
+            renderers["student_at_teacher_depth"] = lambda c2w: model(c2w[None], surface=teacher_surface(render_teacher(c2w)["surface"], model, c2w, errors))[0].permute(1, 2, 0)
     result = {"views": len(views)}
     for name, render in renderers.items():
         result[name] = breakdown(scene, views, render)
@@ -57,19 +66,16 @@ def main() -> None:
     print(json.dumps(result))
 
 
-def teacher_surface(teacher, model, c2w, errors: list):
-    """Distances [1, 1, H, W] along each pixel's ray: the teacher's surface where it is opaque (as the pseudo
-    data stores it), the student's own depth elsewhere. Appends |student depth - teacher's| there to ``errors``."""
+def teacher_surface(surface: tuple, model, c2w, errors: list):
+    """Distances [1, 1, H, W] along each pixel's ray: the teacher's surface (``Teacher.surface`` of its render)
+    where it is opaque, as the pseudo data stores it, the student's own depth elsewhere. Appends |student depth
+    - teacher's| there to ``errors``."""
     import torch
 
-    s = model.spec
-    out = teacher.render(c2w[None], s.fx, s.fy, s.cx, s.cy, s.width_px, s.height_px)
-    opacity = out["opacity"][0].float()
-    surface = out["depth"][0].float() / opacity.clamp(min=0.5)
+    distance, opaque = (t[0] for t in surface)
     _, depth = model(c2w[None], with_depth=True)
-    opaque = opacity > 0.5
-    errors.append((depth[0, 0] - surface)[opaque].abs().flatten()[::16])  # every 16th pixel: quantile() has a size limit
-    return torch.where(opaque, surface, depth[0, 0])[None, None]
+    errors.append((depth[0, 0] - distance)[opaque].abs().flatten()[::16])  # every 16th pixel: quantile() has a size limit
+    return torch.where(opaque, distance, depth[0, 0])[None, None]
 
 
 def breakdown(scene, views, render) -> dict:

@@ -12,8 +12,9 @@ layout whose ceiling is near the student's own score limits the student; one far
     python scripts/bench_texture_ceiling.py WS/teacher WS/capture/transforms.json --views 200 --pseudo WS/distill \
         --device cuda --batch 262144 --variant "r512c4:" --variant "r512c4v:view=1"
 
-Variant keys: resolution (cells per side), channels (per plane), hidden (decoder width), layers (decoder
-hidden layers), box (cube: the student's [-radius, radius]^3; tight: the box of the surface points, per axis),
+Variant keys: grid (planes, or hash: a 3-D multi-resolution hash grid, the teacher's encoding, with levels
+and log2_size), resolution (cells per side; a hash grid's finest level), channels (per plane or hash level),
+hidden (decoder width), layers (decoder hidden layers), box (cube: the student's [-radius, radius]^3; tight: the box of the surface points, per axis),
 view (1: the decoder also sees the viewing direction). Prints one JSON line per variant; the teacher's
 renders are cached in --cache.
 """
@@ -30,7 +31,8 @@ import numpy as np
 import torch
 from torch import nn
 
-DEFAULTS = {"resolution": 512, "channels": 4, "hidden": 32, "layers": 1, "box": "cube", "view": 0}
+DEFAULTS = {"grid": "planes", "resolution": 512, "channels": 4, "hidden": 32, "layers": 1, "box": "cube", "view": 0, "levels": 16, "log2_size": 19}
+WORDS = {"grid": ("planes", "hash"), "box": ("cube", "tight")}
 
 
 def test_cameras(transforms: Path) -> tuple[np.ndarray, list[float], int, int]:
@@ -73,11 +75,10 @@ def render_views(teacher_dir: Path, transforms: Path, views: int, cache: Path, d
         for pose in chosen:
             c2w = torch.from_numpy(pose).to(device)[None]
             out = teacher.render(c2w, fx, fy, cx, cy, w, h)
-            opacity = out["opacity"][0].float()
-            surface = out["depth"][0].float() / opacity.clamp(min=0.5)
+            surface, opaque = (t[0] for t in teacher.surface(out))
             rgbs.append(out["rgb"][0].float().cpu().numpy())
             points.append((c2w[0, :3, 3] + dirs @ c2w[0, :3, :3].T * surface[..., None]).cpu().numpy())
-            masks.append((opacity > 0.5).cpu().numpy())
+            masks.append(opaque.cpu().numpy())
             origins.append(pose[:3, 3])
             bar.advance(task)
     data = {"rgb": np.stack(rgbs), "points": np.stack(points), "mask": np.stack(masks), "origins": np.stack(origins), "bound": np.float32(teacher.spec.bound), "source": np.array(source)}
@@ -86,14 +87,26 @@ def render_views(teacher_dir: Path, transforms: Path, views: int, cache: Path, d
 
 
 class Texture(nn.Module):
-    """Three feature planes over [-1, 1]^2 read bilinearly (border clamp), decoded per point to rgb; with
-    ``view`` the decoder also takes the viewing direction and sines of it (2 frequencies): 15 more inputs."""
+    """Three feature planes over [-1, 1]^2 read bilinearly (border clamp), or a 3-D multi-resolution hash
+    grid (the teacher's encoding: ``levels`` levels of ``channels`` features up to ``resolution`` cells,
+    2^``log2_size`` entries each), decoded per point to rgb; with ``view`` the decoder also takes the viewing
+    direction and sines of it (2 frequencies): 15 more inputs."""
 
-    def __init__(self, resolution: int, channels: int, hidden: int, layers: int, view: bool = False) -> None:
+    def __init__(self, options: dict) -> None:
         super().__init__()
-        self.view = view
-        self.planes = nn.Parameter(torch.empty(3, channels, resolution, resolution).uniform_(-1e-2, 1e-2))
-        dims = [3 * channels + (15 if view else 0)] + [hidden] * layers
+        channels, hidden, layers, resolution = (options[k] for k in ("channels", "hidden", "layers", "resolution"))
+        self.view = bool(options["view"])
+        if options["grid"] == "hash":
+            from mg3d.teacher.encoding import HashGrid
+
+            self.hash = HashGrid(options["levels"], channels, options["log2_size"], 16, resolution)
+            self.planes = self.hash.table
+            width = self.hash.out_dim
+        else:
+            self.hash = None
+            self.planes = nn.Parameter(torch.empty(3, channels, resolution, resolution).uniform_(-1e-2, 1e-2))
+            width = 3 * channels
+        dims = [width + (15 if self.view else 0)] + [hidden] * layers
         body: list[nn.Module] = []
         for a, b in zip(dims[:-1], dims[1:]):
             body += [nn.Linear(a, b), nn.GELU(approximate="tanh")]
@@ -101,9 +114,13 @@ class Texture(nn.Module):
 
     def forward(self, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         """x [N, 3] in [-1, 1]^3, unit viewing directions d [N, 3] -> rgb [N, 3]."""
+        if self.hash is not None:
+            return self.decode(self.hash((x + 1) / 2), d)
         uv = torch.stack([x[:, [0, 1]], x[:, [0, 2]], x[:, [1, 2]]])[:, :, None, :]  # [3, N, 1, 2]
         f = nn.functional.grid_sample(self.planes, uv, mode="bilinear", padding_mode="border", align_corners=True)  # [3, C, N, 1]
-        f = f[..., 0].permute(2, 0, 1).reshape(len(x), -1)
+        return self.decode(f[..., 0].permute(2, 0, 1).reshape(len(x), -1), d)
+
+    def decode(self, f: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         if self.view:
             angles = torch.cat([d * math.pi, d * 2 * math.pi], 1)
             f = torch.cat([f, d, torch.sin(angles), torch.cos(angles)], 1)
@@ -166,7 +183,7 @@ def fit(train: dict, test: dict, bound: float, options: dict, steps: int, batch:
     x_test = encode(test["points"], options["box"], bound, train["points"]).to(device)
     y_train, y_test = (torch.from_numpy(np.ascontiguousarray(a["rgb"])).float().to(device) for a in (train, test))
     d_train, d_test = (torch.from_numpy(np.ascontiguousarray(a["dirs"])).float().to(device) if "dirs" in a else torch.zeros(len(a["points"]), 3, device=device) for a in (train, test))
-    model = Texture(options["resolution"], options["channels"], options["hidden"], options["layers"], bool(options["view"])).to(device)
+    model = Texture(options).to(device)
     optimizer = torch.optim.Adam([{"params": [model.planes], "lr": 1e-2}, {"params": model.decoder.parameters(), "lr": 1e-3}], eps=1e-15)
     t0 = time.perf_counter()
     for step in range(steps):
@@ -194,6 +211,24 @@ def fit(train: dict, test: dict, bound: float, options: dict, steps: int, batch:
     }
 
 
+@torch.no_grad()
+def teacher_point(teacher_dir: Path, test: dict, device: torch.device) -> dict:
+    """The teacher's own field colour at each opaque pixel's surface point, seen along the pixel's ray, vs the
+    teacher's volume-rendered pixel (flat arrays of :func:`flatten`): how far one point per pixel of the
+    teacher's field is from what the teacher draws."""
+    from mg3d.teacher.model import Teacher
+
+    if "dirs" not in test:
+        raise SystemExit("--teacher-point needs the cameras' origins, which this cache lacks: delete it (--cache) and render again")
+    field = Teacher.load(teacher_dir, device).field
+    chunk, errors = 1 << 16, []
+    for i in range(0, len(test["points"]), chunk):
+        x, d, y = (torch.from_numpy(np.ascontiguousarray(test[k][i : i + chunk])).float().to(device) for k in ("points", "dirs", "rgb"))
+        errors.append((field(x, d)[1].float() - y).square().mean(1))
+    mse = float(torch.cat(errors).mean())
+    return {"test_pixels": len(test["points"]), "test_psnr_opaque": round(-10 * math.log10(mse), 2), "test_psnr_image": round(-10 * math.log10(mse * test["fraction"]), 2)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("teacher", type=Path, help="the teacher's folder (teacher.json + teacher.safetensors)")
@@ -209,6 +244,7 @@ def main() -> None:
     parser.add_argument("--pseudo", type=Path, help="fit a workspace's pseudo views (WS/distill) and score all the rendered test views")
     parser.add_argument("--pseudo-views", type=int, default=0, help="use the first N pseudo views (0: all)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--teacher-point", action="store_true", help="also score the teacher's own colour at the surface point (no fit)")
     opts = parser.parse_args()
 
     torch.set_num_threads(opts.threads)
@@ -222,6 +258,12 @@ def main() -> None:
     else:  # fit 3 of every 4 rendered test views, score the 4th
         train, test = flatten(data, every % 4 != 3), flatten(data, every % 4 == 3)
         split = {"fit_views": int((every % 4 != 3).sum()), "fit_on": "test views", "test_views": int((every % 4 == 3).sum())}
+    if opts.teacher_point:
+        line = json.dumps({"tag": "teacher_point", "device": str(device), **teacher_point(opts.teacher, test, device)})
+        print(line, flush=True)
+        if opts.out:
+            with opts.out.open("a") as f:
+                f.write(line + "\n")
     for item in opts.variant or ["base:"]:
         tag, _, sets = item.partition(":")
         options = dict(DEFAULTS)
@@ -229,9 +271,10 @@ def main() -> None:
             key, value = pair.split("=", 1)
             if key not in DEFAULTS:
                 raise SystemExit(f"unknown variant key {key!r}: use " + ", ".join(DEFAULTS))
-            options[key] = value if key == "box" else int(value)
-        if options["box"] not in ("cube", "tight"):
-            raise SystemExit(f"box {options['box']!r} is unknown: use cube or tight")
+            options[key] = value if key in WORDS else int(value)
+        for key, words in WORDS.items():
+            if options[key] not in words:
+                raise SystemExit(f"{key} {options[key]!r} is unknown: use " + " or ".join(words))
         line = json.dumps({"tag": tag, "device": str(device), **split, **fit(train, test, float(data["bound"]), options, opts.steps, opts.batch, opts.seed, device)})
         print(line, flush=True)
         if opts.out:

@@ -41,6 +41,8 @@ class StudentConfig:
     depth_weight: float = 0.1  # weight of the L1 loss between the detail branch's depth and the teacher's (fraction of the sample range)
     occupancy: int = 0  # detail students: cells per side of an occupancy grid baked from the teacher, through which each pixel's ray is marched for its first hit (0: none)
     march_steps: int = 128  # steps of that march over the sample range
+    head_layers: int = 0  # hidden 1x1 layers of the per-pixel head before the rgb conv (0: none, as MobileR2L)
+    head_width: int = 64  # channels of those layers
     sr_factor: int = 8  # super-resolution factor
     upsample: str = "shuffle"  # shuffle (depth-to-space; NNAPI-friendly) or transpose (MobileR2L)
     activation: str = "gelu_tanh"  # gelu_tanh (Tanh: NNAPI and Core ML run it) or gelu (exact; Erf, which NNAPI lacks)
@@ -65,14 +67,14 @@ class StudentConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("depth", "width", "samples", "sr_factor", "steps", "batch", "checkpoint_every", "march_steps"):
+        for name in ("depth", "width", "samples", "sr_factor", "steps", "batch", "checkpoint_every", "march_steps", "head_width"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
         if self.plane_resolution < 2:
             raise ConfigError(f"plane_resolution {self.plane_resolution} is too small", hint="use 2 cells or more")
         if self.detail_resolution < 2:
             raise ConfigError(f"detail_resolution {self.detail_resolution} is too small", hint="use 2 cells or more")
-        for name in ("frequencies", "planes", "detail", "depth_weight", "occupancy", "max_time_s", "weight_decay", "warmup", "eval_views", "save_views", "preload_gb"):
+        for name in ("frequencies", "planes", "detail", "head_layers", "depth_weight", "occupancy", "max_time_s", "weight_decay", "warmup", "eval_views", "save_views", "preload_gb"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative")
         if self.compile not in ("auto", "on", "off"):

@@ -196,8 +196,7 @@ def _render_one(teacher: Any, c2w: np.ndarray, fx: float, fy: float, cx: float, 
     import torch
 
     out = teacher.render(torch.from_numpy(c2w)[None], fx, fy, cx, cy, width, height, chunk=chunk)
-    opaque = out["opacity"][0] > 0.5
-    surface = torch.where(opaque, out["depth"][0] / out["opacity"][0].clamp(min=0.5), 0.0)
+    surface, opaque = (t[0] for t in teacher.surface(out))
     depth = surface[opaque]
     if depth.numel() > 16:
         q = torch.quantile(depth.float()[:: max(1, depth.numel() // 65536)], torch.tensor([0.01, 0.99], device=depth.device))

@@ -65,6 +65,8 @@ class StudentSpec:
     detail_resolution: int = 512  # cells per side of each detail plane
     occupancy: int = 0  # detail students: cells per side of an occupancy grid (baked from the teacher) each pixel's ray is marched through for its first hit (0: none)
     march_steps: int = 128  # fixed steps of that march over the sample range
+    head_layers: int = 0  # hidden 1x1 layers of the per-pixel head before the rgb conv (0: the rgb conv reads the last stage, as MobileR2L)
+    head_width: int = 64  # channels of those layers
 
     def __post_init__(self) -> None:
         check_resolution(self.width_px, self.height_px, self.sr_factor)
@@ -82,6 +84,8 @@ class StudentSpec:
             raise ConfigError(f"plane_resolution {self.plane_resolution} is too small", hint="use 2 cells or more (128 is the default)")
         if self.occupancy < 0 or (self.occupancy and not self.detail) or self.march_steps < 1:
             raise ConfigError(f"occupancy {self.occupancy} needs the surface detail and march_steps ({self.march_steps}) at least 1", hint="set detail > 0 too, or occupancy=0")
+        if self.head_layers < 0 or self.head_width < 1:
+            raise ConfigError(f"head_layers {self.head_layers} / head_width {self.head_width} are out of range", hint="use head_layers >= 0 and head_width >= 1")
         if self.detail < 0 or (self.detail and self.detail_resolution < 2):
             raise ConfigError(f"detail {self.detail} / detail_resolution {self.detail_resolution} are out of range", hint="use detail >= 0 and a resolution of 2 cells or more (512 is the default)")
         if not 0 < self.near < self.far:
@@ -411,6 +415,11 @@ class NeLF(nn.Module):
         self.upsampler = nn.Sequential(*layers)
         if spec.detail:
             self.detail = SurfaceDetail(spec, c_in)
+        hidden: list[nn.Module] = []  # a per-pixel MLP after the last stage (empty: none; no weights, so older students load)
+        for _ in range(spec.head_layers):
+            hidden += [nn.Conv2d(c_in, spec.head_width, 1), activation(spec.activation)]
+            c_in = spec.head_width
+        self.hidden = nn.Sequential(*hidden)
         self.head = nn.Conv2d(c_in, 3, 1)
 
     def encode(self, c2w: Tensor, intrinsics: Tensor | None = None) -> Tensor:
@@ -444,7 +453,7 @@ class NeLF(nn.Module):
         if self.spec.detail:
             x, depth = self.detail(c2w, x, intrinsics, surface, first)
             x = self.act(x)
-        rgb = torch.sigmoid(self.head(x))
+        rgb = torch.sigmoid(self.head(self.hidden(x)))
         return (rgb, depth) if with_depth else rgb
 
     # ---- files --------------------------------------------------------------------------------------
@@ -501,4 +510,7 @@ def macs_per_frame(spec: StudentSpec) -> int:
         c_in = c_out
     if spec.detail:  # depth and fuse convolutions at every pixel (plane reads not counted)
         total += p * scale**2 * (c_in + (c_in + 3 * spec.detail) * c_in)
+    for _ in range(spec.head_layers):  # the head's hidden layers
+        total += p * scale**2 * c_in * spec.head_width
+        c_in = spec.head_width
     return int(total + p * scale**2 * 3 * c_in)

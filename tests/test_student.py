@@ -132,6 +132,29 @@ def test_nelf_maps_a_pose_to_an_image(upsample: str) -> None:
     assert parameter_count(model) > 0 and macs_per_frame(spec) > 0
 
 
+def test_head_layers_are_a_per_pixel_mlp_before_the_rgb_conv() -> None:
+    import torch
+
+    from mg3d.errors import ConfigError
+    from mg3d.student.model import NeLF, StudentSpec, macs_per_frame
+
+    base = dict(width_px=32, height_px=32, fx=40, fy=40, cx=16, cy=16, near=1, far=4, depth=2, width=32, sr_factor=4)
+    plain, deep = NeLF(StudentSpec(**base)), NeLF(StudentSpec(**base, head_layers=2, head_width=24))
+    assert not any(k.startswith("hidden.") for k in plain.state_dict())  # students saved before the option load as they were
+    convs = [m for m in deep.hidden if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size) for c in convs] == [(16, 24, (1, 1)), (24, 24, (1, 1))]
+    assert deep.head.in_channels == 24
+    assert macs_per_frame(deep.spec) - macs_per_frame(plain.spec) == 32 * 32 * (16 * 24 + 24 * 24 + 3 * 24 - 3 * 16)
+    c2w = torch.eye(4)[None]
+    c2w[0, 2, 3] = 2.5
+    out = deep(c2w)
+    assert out.shape == (1, 3, 32, 32)
+    out.mean().backward()
+    assert all(p.grad is not None for p in deep.parameters())
+    with pytest.raises(ConfigError, match="head_layers"):
+        StudentSpec(**base, head_layers=1, head_width=0)
+
+
 def test_mobile_r2l_size() -> None:
     from mg3d.student.model import NeLF, StudentSpec, parameter_count
 

@@ -345,6 +345,15 @@ class Teacher(nn.Module):
             "opacity": torch.cat(outs["opacity"]).reshape(b, height, width),
         }
 
+    @staticmethod
+    def surface(out: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """The surface in a :meth:`render` result: the distance along each pixel's ray (the weights' mean
+        distance, depth / opacity, opacity floored at 0.5; 0 where not opaque) and where the pixel is opaque
+        (opacity over 0.5), both [B, H, W]. The student's pseudo data stores these distances."""
+        opacity = out["opacity"].float()
+        opaque = opacity > 0.5
+        return torch.where(opaque, out["depth"].float() / opacity.clamp(min=0.5), 0.0), opaque
+
     # ---- files --------------------------------------------------------------------------------------
     def save(self, folder: Path) -> None:
         """Write ``teacher.safetensors`` (weights, grid) and ``teacher.json`` (the spec)."""
