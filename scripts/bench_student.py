@@ -115,8 +115,9 @@ def speed(ws: Path, student_dir: Path, repeats: int, threads: int, onnx_models: 
     """Student vs teacher frame time at the student's resolution on one held-out camera (and the student's
     exported ONNX files ``onnx_models`` on onnxruntime). Every form of the student is timed once; then its
     fastest form and the teacher are timed in turn ``rounds`` times, and ``speedup`` is the median of the
-    rounds' ratios (``student_ms``, ``teacher_ms``: the medians of their times). ``variants`` ("key=value,key=value"): students of
-    this spec changed so, random weights (a frame costs the same whatever the weights), timed alongside."""
+    rounds' ratios (``student_ms``, ``teacher_ms``: the medians of their times). ``variants``
+    ("key=value,key=value"): students of this spec changed so, random weights (a frame costs the same
+    whatever the weights), timed alongside."""
     import dataclasses
 
     import torch

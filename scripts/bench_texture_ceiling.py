@@ -1,7 +1,8 @@
-"""How well can surface-texture planes alone draw a scene? The ceiling of the detail student's texture.
+"""How well can a surface texture alone draw a scene? The ceiling of the detail student's texture.
 
-Three feature planes (xy, xz, yz) and a small per-pixel decoder are fitted to a teacher's renders, read
-where each pixel's ray meets the teacher's own surface: no student network, no depth error. The teacher
+Three feature planes (xy, xz, yz), or a 3-D hash grid, and a small per-pixel decoder are fitted to a
+teacher's renders, read where each pixel's ray meets the teacher's own surface: no student network, no
+depth error. ``--teacher-point`` also scores the teacher's own field colour at that point. The teacher
 renders ``--views`` test cameras; 3 of every 4 are fitted and the 4th scored, on the pixels the teacher
 draws opaque, against its renders. With ``--pseudo WS/distill`` the fit is to the pseudo views the student
 trains on (the teacher's renders and surface distances) and every rendered test view is scored. A plane
@@ -14,9 +15,9 @@ layout whose ceiling is near the student's own score limits the student; one far
 
 Variant keys: grid (planes, or hash: a 3-D multi-resolution hash grid, the teacher's encoding, with levels
 and log2_size), resolution (cells per side; a hash grid's finest level), channels (per plane or hash level),
-hidden (decoder width), layers (decoder hidden layers), box (cube: the student's [-radius, radius]^3; tight: the box of the surface points, per axis),
-view (1: the decoder also sees the viewing direction). Prints one JSON line per variant; the teacher's
-renders are cached in --cache.
+hidden (decoder width), layers (decoder hidden layers), box (cube: the student's [-radius, radius]^3;
+tight: the box of the surface points, per axis), view (1: the decoder also sees the viewing direction).
+Prints one JSON line per variant; the teacher's renders are cached in --cache.
 """
 
 from __future__ import annotations
