@@ -113,7 +113,7 @@ def estimate_row(profile: DeviceProfile, spec: Any, precision: str, name: str) -
     pixels = gw * gh
     params = spec.in_channels * spec.width + spec.depth * 2 * spec.width * (spec.width + 1) + 3 * spec.plane_resolution**2 * spec.planes
     elements = pixels * (spec.in_channels + 2 * spec.depth * spec.width)
-    scale = 1
+    scale, c = 1, spec.width  # c: channels of the last stage (the blocks' with no super-resolution)
     for c in sr_channels(spec.width, int(math.log2(spec.sr_factor))):
         scale *= 2
         elements += pixels * scale * scale * 3 * c

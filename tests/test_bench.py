@@ -129,6 +129,20 @@ Peak working set size: 104857600 bytes"""
     assert figures == {"load_ms": 81.5, "first_ms": 41.0, "mean_ms": 30.1, "median_ms": 29.5, "p90_ms": 32.1, "p99_ms": 40.2, "peak_rss_mb": 100.0, "fps": 33.9}
 
 
+def test_phone_estimates_grow_with_the_head_and_need_no_upsampling_stage() -> None:
+    """Estimates count a student's per-pixel head (more MACs, more parameters), also with no
+    super-resolution stage at all (sr_factor 1: the head and detail read the blocks' channels)."""
+    from mg3d.bench.measure import estimate_row
+    from mg3d.bench.profiles import resolve
+    from mg3d.student.model import StudentSpec
+
+    phone = resolve("pixel-8")
+    for sr in (8, 1):
+        base = dict(width_px=400, height_px=400, fx=500, fy=500, cx=200, cy=200, near=1, far=4, depth=4, width=64, sr_factor=sr, detail=2)
+        plain, head = (estimate_row(phone, StudentSpec(**base, head_layers=k), "fp16", "x") for k in (0, 2))
+        assert head["median_ms"] > plain["median_ms"] > 0, (plain, head)
+
+
 def test_pareto_front() -> None:
     from mg3d.bench.report import pareto
 
