@@ -259,12 +259,16 @@ def main() -> None:
     else:  # fit 3 of every 4 rendered test views, score the 4th
         train, test = flatten(data, every % 4 != 3), flatten(data, every % 4 == 3)
         split = {"fit_views": int((every % 4 != 3).sum()), "fit_on": "test views", "test_views": int((every % 4 == 3).sum())}
-    if opts.teacher_point:
-        line = json.dumps({"tag": "teacher_point", "device": str(device), **teacher_point(opts.teacher, test, device)})
+
+    def emit(tag: str, result: dict) -> None:  # one JSON line, printed and appended to --out
+        line = json.dumps({"tag": tag, "device": str(device), **result})
         print(line, flush=True)
         if opts.out:
             with opts.out.open("a") as f:
                 f.write(line + "\n")
+
+    if opts.teacher_point:
+        emit("teacher_point", teacher_point(opts.teacher, test, device))
     for item in opts.variant or ["base:"]:
         tag, _, sets = item.partition(":")
         options = dict(DEFAULTS)
@@ -276,11 +280,7 @@ def main() -> None:
         for key, words in WORDS.items():
             if options[key] not in words:
                 raise SystemExit(f"{key} {options[key]!r} is unknown: use " + " or ".join(words))
-        line = json.dumps({"tag": tag, "device": str(device), **split, **fit(train, test, float(data["bound"]), options, opts.steps, opts.batch, opts.seed, device)})
-        print(line, flush=True)
-        if opts.out:
-            with opts.out.open("a") as f:
-                f.write(line + "\n")
+        emit(tag, {**split, **fit(train, test, float(data["bound"]), options, opts.steps, opts.batch, opts.seed, device)})
 
 
 if __name__ == "__main__":

@@ -60,19 +60,18 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke test of this script")
     opts = parser.parse_args()
 
-    from mg3d.student.model import NeLF, StudentSpec
+    from mg3d.student.model import NeLF, read_spec
+    from mg3d.student.synthetic import sphere_occupancy
 
     opts.out.mkdir(parents=True, exist_ok=True)
     device = torch.device(opts.device)
     if (opts.student / "student.safetensors").is_file():
         trained = NeLF.load(opts.student, device).eval()
     else:  # only the spec: random weights, and for an occupancy student a solid ball half the scene's radius
-        spec = json.loads((opts.student / "student.json").read_text())["spec"]
-        trained = NeLF(StudentSpec(**{**spec, "center": tuple(spec["center"])})).to(device).eval()
+        trained = NeLF(read_spec(opts.student / "student.json")).to(device).eval()
         if trained.spec.occupancy:
-            r = trained.spec.occupancy
-            cell = (torch.stack(torch.meshgrid(*[torch.arange(r)] * 3, indexing="ij"), -1).reshape(-1, 3) + 0.5) / r * 2 - 1
-            trained.detail.set_occupancy((cell.norm(dim=-1) < 0.5).to(torch.uint8).to(device))
+            r = trained.spec.occupancy  # the cells whose centre lies within 0.5 of the centre
+            trained.detail.set_occupancy(torch.from_numpy(sphere_occupancy(((np.zeros(3), 0.5 - 1.0 / r),), r)).to(device))
     frames = json.loads(opts.cameras.read_text())["frames"]
     c2w_train = np.asarray([f["transform_matrix"] for f in frames], np.float64)
     with tempfile.TemporaryDirectory() as folder:  # the pseudo views and checkpoints go when it ends

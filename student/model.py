@@ -475,13 +475,7 @@ class NeLF(nn.Module):
         if (folder / "student" / "student.json").is_file():
             folder = folder / "student"
         try:
-            spec = json.loads((folder / "student.json").read_text())["spec"]
-            spec["center"] = tuple(spec["center"])
-            spec.setdefault("activation", "gelu")  # students saved before these options existed
-            spec.setdefault("norm", "none")
-            spec.setdefault("planes", 0)
-            spec.setdefault("detail", 0)
-            model = cls(StudentSpec(**spec))
+            model = cls(read_spec(folder / "student.json"))
         except FileNotFoundError:
             raise StudentError(f"no trained student in {folder}", hint="run mg3d student WS first") from None
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
@@ -491,6 +485,17 @@ class NeLF(nn.Module):
         except RuntimeError as exc:
             raise StudentError(f"{folder / 'student.safetensors'} does not fit student.json ({str(exc)[:80]})", hint="retrain with --force") from None
         return model.to(device)
+
+
+def read_spec(path: Path) -> StudentSpec:
+    """The spec in a saved ``student.json``, with the defaults of students saved before some options existed."""
+    spec = json.loads(Path(path).read_text())["spec"]
+    spec["center"] = tuple(spec["center"])
+    spec.setdefault("activation", "gelu")  # students saved before these options existed
+    spec.setdefault("norm", "none")
+    spec.setdefault("planes", 0)
+    spec.setdefault("detail", 0)
+    return StudentSpec(**spec)
 
 
 def parameter_count(model: nn.Module) -> int:
