@@ -43,6 +43,7 @@ class StudentConfig:
     march_steps: int = 128  # steps of that march over the sample range
     head_layers: int = 0  # hidden 1x1 layers of the per-pixel head before the rgb conv (0: none, as MobileR2L)
     head_width: int = 64  # channels of those layers
+    detail_view: int = 0  # detail students: frequencies of the viewing direction's encoding read with the surface texture at every pixel (0: none)
     sr_factor: int = 8  # super-resolution factor
     upsample: str = "shuffle"  # shuffle (depth-to-space; NNAPI-friendly) or transpose (MobileR2L)
     activation: str = "gelu_tanh"  # gelu_tanh (Tanh: NNAPI and Core ML run it) or gelu (exact; Erf, which NNAPI lacks)
@@ -74,7 +75,7 @@ class StudentConfig:
             raise ConfigError(f"plane_resolution {self.plane_resolution} is too small", hint="use 2 cells or more")
         if self.detail_resolution < 2:
             raise ConfigError(f"detail_resolution {self.detail_resolution} is too small", hint="use 2 cells or more")
-        for name in ("frequencies", "planes", "detail", "head_layers", "depth_weight", "occupancy", "max_time_s", "weight_decay", "warmup", "eval_views", "save_views", "preload_gb"):
+        for name in ("frequencies", "planes", "detail", "detail_view", "head_layers", "depth_weight", "occupancy", "max_time_s", "weight_decay", "warmup", "eval_views", "save_views", "preload_gb"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative")
         if self.compile not in ("auto", "on", "off"):

@@ -67,6 +67,7 @@ class StudentSpec:
     march_steps: int = 128  # fixed steps of that march over the sample range
     head_layers: int = 0  # hidden 1x1 layers of the per-pixel head before the rgb conv (0: the rgb conv reads the last stage, as MobileR2L)
     head_width: int = 64  # channels of those layers
+    detail_view: int = 0  # detail students: frequencies of the viewing direction's encoding that the fuse conv also reads at every pixel (0: none)
 
     def __post_init__(self) -> None:
         check_resolution(self.width_px, self.height_px, self.sr_factor)
@@ -86,6 +87,8 @@ class StudentSpec:
             raise ConfigError(f"occupancy {self.occupancy} needs the surface detail and march_steps ({self.march_steps}) at least 1", hint="set detail > 0 too, or occupancy=0")
         if self.head_layers < 0 or self.head_width < 1:
             raise ConfigError(f"head_layers {self.head_layers} / head_width {self.head_width} are out of range", hint="use head_layers >= 0 and head_width >= 1")
+        if self.detail_view < 0 or (self.detail_view and not self.detail):
+            raise ConfigError(f"detail_view {self.detail_view} needs the surface detail", hint="set detail > 0 too, or detail_view=0")
         if self.detail < 0 or (self.detail and self.detail_resolution < 2):
             raise ConfigError(f"detail {self.detail} / detail_resolution {self.detail_resolution} are out of range", hint="use detail >= 0 and a resolution of 2 cells or more (512 is the default)")
         if not 0 < self.near < self.far:
@@ -99,6 +102,12 @@ class StudentSpec:
     @property
     def in_channels(self) -> int:
         return 3 * self.samples * (1 + 2 * self.frequencies + self.planes)
+
+    @property
+    def view_channels(self) -> int:
+        """Channels of the viewing-direction encoding the surface detail's fuse reads: the unit direction, then
+        sin and cos of it times pi 2^f for each of ``detail_view`` frequencies (0 without it)."""
+        return 3 * (1 + 2 * self.detail_view) if self.detail_view else 0
 
     @property
     def plane_extent(self) -> float:
@@ -303,7 +312,10 @@ class SurfaceDetail(nn.Module):
         self.depth = nn.Conv2d(channels, 1, 1)
         nn.init.zeros_(self.depth.weight)  # starts at the middle of the sample range
         nn.init.zeros_(self.depth.bias)
-        self.fuse = nn.Conv2d(channels + 3 * spec.detail, channels, 1)
+        self.fuse = nn.Conv2d(channels + 3 * spec.detail + spec.view_channels, channels, 1)
+        if spec.detail_view:  # pi 2^f for each frequency f, per coordinate: [1, 3 F, 1, 1] against the direction repeated F times
+            scales = math.pi * 2.0 ** torch.arange(spec.detail_view, dtype=torch.float32).repeat_interleave(3)
+            self.register_buffer("view_scales", scales.view(1, -1, 1, 1), persistent=False)
         if spec.occupancy:  # filled from the teacher (or a synthetic scene's exact grid) by set_occupancy; saved with the weights
             r, n = spec.occupancy, spec.march_steps
             self.register_buffer("occupied", torch.zeros(r**3, dtype=torch.uint8))  # 0/1 (uint8: DDP and NCCL broadcast it)
@@ -331,9 +343,19 @@ class SurfaceDetail(nn.Module):
                 t = (distance_at(spec, s) if surface is None else surface.float()).reshape(-1, 1, 1, p)  # [B, 1, 1, P]
             points = contract((origin + d * t - self.center.float().view(1, 3, 1, 1)) / spec.radius, dim=1)  # [B, 3, 1, P]
             feats = plane_features(points, self.planes, spec.detail_resolution, spec.plane_extent, 1, p)  # [B, 3, 1, C, P]
-        feats = feats.reshape(-1, 3 * spec.detail, spec.height_px, spec.width_px)
+            if spec.detail_view:
+                feats = torch.cat([feats.reshape(-1, 3 * spec.detail, p), self.view_encoding(d[:, :, 0]).to(feats.dtype)], 1)
+        feats = feats.reshape(-1, 3 * spec.detail + spec.view_channels, spec.height_px, spec.width_px)
         fused = self.fuse(torch.cat([features, feats.to(features.dtype)], 1))
         return fused, t.reshape(-1, 1, spec.height_px, spec.width_px)
+
+    def view_encoding(self, d: Tensor) -> Tensor:
+        """Ray directions d [B, 3, P] (any length) -> [B, view_channels, P]: the unit direction u, then sin and
+        cos of u pi 2^f per frequency, as one Sin (cos(a) = sin(a + pi/2); NNAPI has no Cos). The norm is
+        ReduceSum and Sqrt, which every runtime has."""
+        u = d / torch.sqrt((d * d).sum(1, keepdim=True))
+        a = u.repeat(1, self.spec.detail_view, 1) * self.view_scales[..., 0]  # [B, 3 F, P]
+        return torch.cat([u, torch.sin(torch.cat([a, a + math.pi / 2], 1))], 1)
 
     def rays(self, c2w: Tensor, intrinsics: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """fp32 origins [B, 3, 1, 1] and directions [B, 3, 1, P] of every output pixel's ray."""
@@ -514,7 +536,7 @@ def macs_per_frame(spec: StudentSpec) -> int:
         total += p * (scale // 2) ** 2 * up + p * scale**2 * 9 * c_out * c_out
         c_in = c_out
     if spec.detail:  # depth and fuse convolutions at every pixel (plane reads not counted)
-        total += p * scale**2 * (c_in + (c_in + 3 * spec.detail) * c_in)
+        total += p * scale**2 * (c_in + (c_in + 3 * spec.detail + spec.view_channels) * c_in)
     for _ in range(spec.head_layers):  # the head's hidden layers
         total += p * scale**2 * c_in * spec.head_width
         c_in = spec.head_width

@@ -55,7 +55,7 @@ def build_spec(meta: dict[str, Any], config: Any) -> StudentSpec:
         near=float(meta["near"]), far=float(meta["far"]), spacing="disparity" if unbounded else "linear",
         radius=1.0 if unbounded else float(meta["bound"]), samples=config.samples, frequencies=config.frequencies,
         planes=config.planes, plane_resolution=config.plane_resolution, detail=config.detail, detail_resolution=config.detail_resolution, occupancy=config.occupancy, march_steps=config.march_steps,
-        head_layers=config.head_layers, head_width=config.head_width,
+        head_layers=config.head_layers, head_width=config.head_width, detail_view=config.detail_view,
         depth=config.depth, width=config.width, sr_factor=config.sr_factor, upsample=config.upsample, activation=config.activation, norm=config.norm,
     )
 

@@ -155,6 +155,37 @@ def test_head_layers_are_a_per_pixel_mlp_before_the_rgb_conv() -> None:
         StudentSpec(**base, head_layers=1, head_width=0)
 
 
+def test_detail_view_feeds_the_viewing_direction_to_the_fuse() -> None:
+    """--detail-view F: the fuse conv also reads the unit ray direction and its sin/cos at pi 2^f (f < F), so
+    one surface point may look different from two sides; off, the student is as before."""
+    import math
+
+    import torch
+
+    from mg3d.errors import ConfigError
+    from mg3d.student.model import NeLF, StudentSpec, macs_per_frame
+
+    base = dict(width_px=32, height_px=32, fx=40, fy=40, cx=16, cy=16, near=1, far=4, depth=2, width=32, sr_factor=4, detail=2, detail_resolution=16)
+    plain, viewed = NeLF(StudentSpec(**base)), NeLF(StudentSpec(**base, detail_view=2))
+    assert viewed.spec.view_channels == 15 and plain.spec.view_channels == 0
+    assert viewed.detail.fuse.in_channels == plain.detail.fuse.in_channels + 15
+    assert macs_per_frame(viewed.spec) - macs_per_frame(plain.spec) == 32 * 32 * 15 * 16
+    d = torch.tensor([[[3.0, 0.0], [0.0, -2.0], [4.0, 0.0]]])  # [1, 3, 2]: two directions, not unit
+    u = d / d.norm(dim=1, keepdim=True)
+    want = torch.cat([u] + [torch.sin(u * math.pi * 2**f) for f in range(2)] + [torch.cos(u * math.pi * 2**f) for f in range(2)], 1)
+    assert torch.allclose(viewed.detail.view_encoding(d), want, atol=1e-6)
+    c2w = torch.eye(4)[None].repeat(2, 1, 1)
+    c2w[:, 2, 3] = 2.5
+    c2w[1, :3, :3] = torch.tensor([[0.0, 0, 1], [0, 1, 0], [-1, 0, 0]])  # the same spot of the axis seen from x
+    c2w[1, :3, 3] = torch.tensor([2.5, 0, 0])
+    out = viewed(c2w)
+    assert out.shape == (2, 3, 32, 32)
+    out.mean().backward()
+    assert viewed.detail.fuse.weight.grad[:, -15:].abs().sum() > 0  # the direction channels learn
+    with pytest.raises(ConfigError, match="detail_view"):
+        StudentSpec(**{**base, "detail": 0}, detail_view=2)
+
+
 def test_mobile_r2l_size() -> None:
     from mg3d.student.model import NeLF, StudentSpec, parameter_count
 
