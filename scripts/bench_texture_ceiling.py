@@ -16,7 +16,9 @@ layout whose ceiling is near the student's own score limits the student; one far
 Variant keys: grid (planes, or hash: a 3-D multi-resolution hash grid, the teacher's encoding, with levels
 and log2_size), resolution (cells per side; a hash grid's finest level), channels (per plane or hash level),
 hidden (decoder width), layers (decoder hidden layers), box (cube: the student's [-radius, radius]^3;
-tight: the box of the surface points, per axis), view (1: the decoder also sees the viewing direction).
+tight: the box of the surface points, per axis), view (1: the decoder also sees the viewing direction),
+vm (1: each plane's features times those of a line along the third axis, TensoRF's vector-matrix form: the
+same read cost as planes plus two reads per line, and no two points that share a plane cell share features).
 Prints one JSON line per variant; the teacher's renders are cached in --cache.
 """
 
@@ -32,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-DEFAULTS = {"grid": "planes", "resolution": 512, "channels": 4, "hidden": 32, "layers": 1, "box": "cube", "view": 0, "levels": 16, "log2_size": 19}
+DEFAULTS = {"grid": "planes", "resolution": 512, "channels": 4, "hidden": 32, "layers": 1, "box": "cube", "view": 0, "levels": 16, "log2_size": 19, "vm": 0}
 WORDS = {"grid": ("planes", "hash"), "box": ("cube", "tight")}
 
 
@@ -107,6 +109,8 @@ class Texture(nn.Module):
             self.hash = None
             self.planes = nn.Parameter(torch.empty(3, channels, resolution, resolution).uniform_(-1e-2, 1e-2))
             width = 3 * channels
+        # vm: lines along z, y, x (the axes the xy, xz, yz planes lack), starting at 1: the planes alone
+        self.lines = nn.Parameter(torch.ones(3, channels, resolution)) if options["vm"] and self.hash is None else None
         dims = [width + (15 if self.view else 0)] + [hidden] * layers
         body: list[nn.Module] = []
         for a, b in zip(dims[:-1], dims[1:]):
@@ -118,8 +122,13 @@ class Texture(nn.Module):
         if self.hash is not None:
             return self.decode(self.hash((x + 1) / 2), d)
         uv = torch.stack([x[:, [0, 1]], x[:, [0, 2]], x[:, [1, 2]]])[:, :, None, :]  # [3, N, 1, 2]
-        f = nn.functional.grid_sample(self.planes, uv, mode="bilinear", padding_mode="border", align_corners=True)  # [3, C, N, 1]
-        return self.decode(f[..., 0].permute(2, 0, 1).reshape(len(x), -1), d)
+        f = nn.functional.grid_sample(self.planes, uv, mode="bilinear", padding_mode="border", align_corners=True)[..., 0]  # [3, C, N]
+        if self.lines is not None:
+            w = ((x[:, [2, 1, 0]].T.clamp(-1, 1) + 1) / 2 * (self.lines.shape[-1] - 1))  # [3, N] in cells
+            lo = w.floor().clamp(max=self.lines.shape[-1] - 2)
+            k, t = lo.long()[:, None].expand(-1, self.lines.shape[1], -1), (w - lo)[:, None]  # [3, C, N], [3, 1, N]
+            f = f * (self.lines.gather(2, k) * (1 - t) + self.lines.gather(2, k + 1) * t)
+        return self.decode(f.permute(2, 0, 1).reshape(len(x), -1), d)
 
     def decode(self, f: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         if self.view:
@@ -185,7 +194,7 @@ def fit(train: dict, test: dict, bound: float, options: dict, steps: int, batch:
     y_train, y_test = (torch.from_numpy(np.ascontiguousarray(a["rgb"])).float().to(device) for a in (train, test))
     d_train, d_test = (torch.from_numpy(np.ascontiguousarray(a["dirs"])).float().to(device) if "dirs" in a else torch.zeros(len(a["points"]), 3, device=device) for a in (train, test))
     model = Texture(options).to(device)
-    optimizer = torch.optim.Adam([{"params": [model.planes], "lr": 1e-2}, {"params": model.decoder.parameters(), "lr": 1e-3}], eps=1e-15)
+    optimizer = torch.optim.Adam([{"params": [model.planes] + ([model.lines] if model.lines is not None else []), "lr": 1e-2}, {"params": model.decoder.parameters(), "lr": 1e-3}], eps=1e-15)
     t0 = time.perf_counter()
     for step in range(steps):
         for group, base in zip(optimizer.param_groups, (1e-2, 1e-3)):

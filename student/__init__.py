@@ -43,6 +43,7 @@ class StudentConfig:
     march_steps: int = 128  # steps of that march over the sample range
     head_layers: int = 0  # hidden 1x1 layers of the per-pixel head before the rgb conv (0: none, as MobileR2L)
     head_width: int = 64  # channels of those layers
+    detail_lines: bool = False  # detail students: each texture plane's features times a learned line's along the axis it lacks (TensoRF's vector-matrix form)
     detail_view: int = 0  # detail students: frequencies of the viewing direction's encoding read with the surface texture at every pixel (0: none)
     sr_factor: int = 8  # super-resolution factor
     upsample: str = "shuffle"  # shuffle (depth-to-space; NNAPI-friendly) or transpose (MobileR2L)

@@ -67,6 +67,7 @@ class StudentSpec:
     march_steps: int = 128  # fixed steps of that march over the sample range
     head_layers: int = 0  # hidden 1x1 layers of the per-pixel head before the rgb conv (0: the rgb conv reads the last stage, as MobileR2L)
     head_width: int = 64  # channels of those layers
+    detail_lines: bool = False  # detail students: each plane's features times those of a line along the axis it lacks (TensoRF's vector-matrix form)
     detail_view: int = 0  # detail students: frequencies of the viewing direction's encoding that the fuse conv also reads at every pixel (0: none)
 
     def __post_init__(self) -> None:
@@ -87,6 +88,8 @@ class StudentSpec:
             raise ConfigError(f"occupancy {self.occupancy} needs the surface detail and march_steps ({self.march_steps}) at least 1", hint="set detail > 0 too, or occupancy=0")
         if self.head_layers < 0 or self.head_width < 1:
             raise ConfigError(f"head_layers {self.head_layers} / head_width {self.head_width} are out of range", hint="use head_layers >= 0 and head_width >= 1")
+        if self.detail_lines and not self.detail:
+            raise ConfigError("detail_lines needs the surface detail", hint="set detail > 0 too, or detail_lines=false")
         if self.detail_view < 0 or (self.detail_view and not self.detail):
             raise ConfigError(f"detail_view {self.detail_view} needs the surface detail", hint="set detail > 0 too, or detail_view=0")
         if self.detail < 0 or (self.detail and self.detail_resolution < 2):
@@ -230,6 +233,41 @@ def sampled_plane_features(x: Tensor, planes: Tensor, resolution: int, extent: f
     return out.view(3, c, -1, samples, points).permute(2, 0, 3, 1, 4).to(planes.dtype)  # [B, 3, S, C, P]
 
 
+def line_features(x: Tensor, lines: Tensor, resolution: int, extent: float, points: int) -> Tensor:
+    """Linear reads of three feature lines at points x [B, 3, 1, P] (encoded coordinates): [B, 3, C, P].
+
+    ``lines`` [3 R, C] holds the lines along z, y and x one after the other: the axes the xy, xz and yz
+    planes of :func:`plane_features` lack, so a plane's features times its line's (TensoRF's vector-matrix
+    form) differ between two points that share a plane cell. Like the planes: Gather in a traced graph (two
+    reads per line), ``grid_sample`` in torch; fp32 positions."""
+    read = gathered_line_features if torch.jit.is_tracing() else sampled_line_features
+    return read(x, lines, resolution, extent, points)
+
+
+def gathered_line_features(x: Tensor, lines: Tensor, resolution: int, extent: float, points: int) -> Tensor:
+    """:func:`line_features` in Floor, Cast and Gather."""
+    r, c = resolution, lines.shape[1]
+    w = torch.stack([x[:, 2, 0], x[:, 1, 0], x[:, 0, 0]], 1).float()  # [B, 3, P]: z, y, x
+    g = (w.clamp(-extent, extent) / extent * 0.5 + 0.5) * (r - 1)
+    cell = torch.floor(g).clamp(max=r - 2)
+    frac = (g - cell).unsqueeze(-1)  # [B, 3, P, 1]
+    index = cell.long() + torch.arange(3, dtype=torch.long, device=x.device).view(1, 3, 1) * r  # int64 offsets, as the planes'
+    lo = torch.index_select(lines, 0, index.reshape(-1)).reshape(-1, 3, points, c).float()
+    hi = torch.index_select(lines, 0, (index + 1).reshape(-1)).reshape(-1, 3, points, c).float()
+    return (lo * (1 - frac) + hi * frac).permute(0, 1, 3, 2).to(lines.dtype)  # [B, 3, C, P]
+
+
+def sampled_line_features(x: Tensor, lines: Tensor, resolution: int, extent: float, points: int) -> Tensor:
+    """:func:`line_features` through ``grid_sample`` on 1-pixel-high images (the same linear reads)."""
+    c = lines.shape[1]
+    grids = lines.float().view(3, 1, resolution, c).permute(0, 3, 1, 2)  # [line, C, 1, R]
+    xn = x[:, :, 0].float().clamp(-extent, extent) / extent  # [B, 3, P]
+    u = torch.stack([xn[:, 2], xn[:, 1], xn[:, 0]])  # [3, B, P]
+    uv = torch.stack([u, torch.zeros_like(u)], -1).reshape(3, -1, 1, 2)
+    out = nn.functional.grid_sample(grids, uv, mode="bilinear", padding_mode="border", align_corners=True)  # [3, C, B P, 1]
+    return out.view(3, c, -1, points).permute(2, 0, 1, 3).to(lines.dtype)  # [B, 3, C, P]
+
+
 def activation(name: str) -> nn.Module:
     return nn.GELU(approximate="tanh" if name == "gelu_tanh" else "none")
 
@@ -309,6 +347,8 @@ class SurfaceDetail(nn.Module):
         self.register_buffer("dirs", grid_directions(spec, step=1), persistent=False)  # [3, H*W]
         self.register_buffer("center", torch.tensor(spec.center, dtype=torch.float32), persistent=False)  # [3]
         self.planes = nn.Parameter(torch.empty(3 * spec.detail_resolution**2, spec.detail).uniform_(-1e-2, 1e-2))
+        if spec.detail_lines:  # ones: the student starts as with the planes alone
+            self.lines = nn.Parameter(torch.ones(3 * spec.detail_resolution, spec.detail))
         self.depth = nn.Conv2d(channels, 1, 1)
         nn.init.zeros_(self.depth.weight)  # starts at the middle of the sample range
         nn.init.zeros_(self.depth.bias)
@@ -343,6 +383,8 @@ class SurfaceDetail(nn.Module):
                 t = (distance_at(spec, s) if surface is None else surface.float()).reshape(-1, 1, 1, p)  # [B, 1, 1, P]
             points = contract((origin + d * t - self.center.float().view(1, 3, 1, 1)) / spec.radius, dim=1)  # [B, 3, 1, P]
             feats = plane_features(points, self.planes, spec.detail_resolution, spec.plane_extent, 1, p)  # [B, 3, 1, C, P]
+            if spec.detail_lines:
+                feats = feats * line_features(points, self.lines, spec.detail_resolution, spec.plane_extent, p).unsqueeze(2)
             if spec.detail_view:
                 feats = torch.cat([feats.reshape(-1, 3 * spec.detail, p), self.view_encoding(d[:, :, 0]).to(feats.dtype)], 1)
         feats = feats.reshape(-1, 3 * spec.detail + spec.view_channels, spec.height_px, spec.width_px)

@@ -55,7 +55,7 @@ def build_spec(meta: dict[str, Any], config: Any) -> StudentSpec:
         near=float(meta["near"]), far=float(meta["far"]), spacing="disparity" if unbounded else "linear",
         radius=1.0 if unbounded else float(meta["bound"]), samples=config.samples, frequencies=config.frequencies,
         planes=config.planes, plane_resolution=config.plane_resolution, detail=config.detail, detail_resolution=config.detail_resolution, occupancy=config.occupancy, march_steps=config.march_steps,
-        head_layers=config.head_layers, head_width=config.head_width, detail_view=config.detail_view,
+        head_layers=config.head_layers, head_width=config.head_width, detail_view=config.detail_view, detail_lines=config.detail_lines,
         depth=config.depth, width=config.width, sr_factor=config.sr_factor, upsample=config.upsample, activation=config.activation, norm=config.norm,
     )
 
@@ -229,7 +229,7 @@ def train(
     cuda = device.type == "cuda"
     if cuda and config.mixed_precision:
         model.to(memory_format=torch.channels_last)
-    tables = ("planes", "detail.planes")
+    tables = ("planes", "detail.planes", "detail.lines")
     planes = [p for name, p in model.named_parameters() if name in tables]
     groups = [{"params": [p for name, p in model.named_parameters() if name not in tables], "lr": config.lr, "base_lr": config.lr}]
     if planes:  # the feature planes: a higher rate and no weight decay, like a hash table

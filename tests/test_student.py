@@ -186,6 +186,41 @@ def test_detail_view_feeds_the_viewing_direction_to_the_fuse() -> None:
         StudentSpec(**{**base, "detail": 0}, detail_view=2)
 
 
+def test_detail_lines_give_each_plane_the_axis_it_lacks() -> None:
+    """--detail-lines: each texture plane's features times a line's along the third axis (TensoRF's VM form).
+    The Gather form (exports) and grid_sample (torch) read the same values as plain linear interpolation;
+    the lines start at one, so the student starts as with the planes alone; they learn."""
+    import torch
+
+    from mg3d.errors import ConfigError
+    from mg3d.student.model import NeLF, StudentSpec, gathered_line_features, sampled_line_features
+
+    torch.manual_seed(0)
+    r, c, p = 16, 3, 50
+    lines = torch.randn(3 * r, c)
+    x = torch.rand(2, 3, 1, p) * 2.4 - 1.2  # some past the border
+    want = torch.empty(2, 3, c, p)
+    for k, axis in enumerate((2, 1, 0)):  # the xy plane's line runs along z, xz's along y, yz's along x
+        g = (x[:, axis, 0].clamp(-1, 1) + 1) / 2 * (r - 1)
+        lo = g.floor().clamp(max=r - 2).long()
+        t = (g - lo).unsqueeze(1)
+        want[:, k] = lines[k * r + lo].permute(0, 2, 1) * (1 - t) + lines[k * r + lo + 1].permute(0, 2, 1) * t
+    for read in (gathered_line_features, sampled_line_features):
+        assert torch.allclose(read(x, lines, r, 1.0, p), want, atol=1e-5)
+    base = dict(width_px=32, height_px=32, fx=40, fy=40, cx=16, cy=16, near=1, far=4, depth=2, width=32, sr_factor=4, detail=2, detail_resolution=16)
+    plain, lined = NeLF(StudentSpec(**base)), NeLF(StudentSpec(**base, detail_lines=True))
+    assert lined.detail.lines.shape == (3 * 16, 2)
+    lined.load_state_dict(plain.state_dict(), strict=False)
+    c2w = torch.eye(4)[None]
+    c2w[0, 2, 3] = 2.5
+    assert torch.allclose(lined(c2w), plain(c2w), atol=1e-6)  # lines of ones: the planes alone
+    torch.nn.init.normal_(lined.detail.planes, std=0.5)
+    lined(c2w).mean().backward()
+    assert lined.detail.lines.grad.abs().sum() > 0
+    with pytest.raises(ConfigError, match="detail_lines"):
+        StudentSpec(**{**base, "detail": 0}, detail_lines=True)
+
+
 def test_mobile_r2l_size() -> None:
     from mg3d.student.model import NeLF, StudentSpec, parameter_count
 
