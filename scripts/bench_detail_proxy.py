@@ -28,6 +28,7 @@ def main() -> None:
     parser.add_argument("--depth-weight", type=float, default=0.1)
     parser.add_argument("--occupancy", type=int, default=0, help="march each pixel's ray through an exact occupancy grid of this many cells per side (0: none)")
     parser.add_argument("--march-steps", type=int, default=128, help="steps of that march over the sample range")
+    parser.add_argument("--detail-lines", action="store_true", help="feature lines times the texture planes (TensoRF's vector-matrix form)")
     parser.add_argument("--scene", choices=["one", "five"], default="one")
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--views", type=int, default=600)
@@ -55,7 +56,7 @@ def main() -> None:
         fx, half = data.meta["fx"], opts.size / 2
         spec = StudentSpec(width_px=opts.size, height_px=opts.size, fx=fx, fy=fx, cx=half, cy=half, near=NEAR, far=FAR, radius=1.0, depth=4, width=64,
                            sr_factor=8, detail=opts.detail, detail_resolution=opts.detail_resolution, occupancy=opts.occupancy,
-                           march_steps=opts.march_steps)
+                           march_steps=opts.march_steps, detail_lines=opts.detail_lines)
         torch.manual_seed(0)
         model = NeLF(spec)
         if opts.occupancy:  # the exact grid (mg3d student bakes it from the teacher)
