@@ -353,9 +353,9 @@ class SurfaceDetail(nn.Module):
         nn.init.zeros_(self.depth.weight)  # starts at the middle of the sample range
         nn.init.zeros_(self.depth.bias)
         self.fuse = nn.Conv2d(channels + 3 * spec.detail + spec.view_channels, channels, 1)
-        if spec.detail_view:  # pi 2^f for each frequency f, per coordinate: [1, 3 F, 1, 1] against the direction repeated F times
+        if spec.detail_view:  # pi 2^f for each frequency f, per coordinate: [1, 3 F, 1] against the direction repeated F times
             scales = math.pi * 2.0 ** torch.arange(spec.detail_view, dtype=torch.float32).repeat_interleave(3)
-            self.register_buffer("view_scales", scales.view(1, -1, 1, 1), persistent=False)
+            self.register_buffer("view_scales", scales.view(1, -1, 1), persistent=False)
         if spec.occupancy:  # filled from the teacher (or a synthetic scene's exact grid) by set_occupancy; saved with the weights
             r, n = spec.occupancy, spec.march_steps
             self.register_buffer("occupied", torch.zeros(r**3, dtype=torch.uint8))  # 0/1 (uint8: DDP and NCCL broadcast it)
@@ -396,7 +396,7 @@ class SurfaceDetail(nn.Module):
         cos of u pi 2^f per frequency, as one Sin (cos(a) = sin(a + pi/2); NNAPI has no Cos). The norm is
         ReduceSum and Sqrt, which every runtime has."""
         u = d / torch.sqrt((d * d).sum(1, keepdim=True))
-        a = u.repeat(1, self.spec.detail_view, 1) * self.view_scales[..., 0]  # [B, 3 F, P]
+        a = u.repeat(1, self.spec.detail_view, 1) * self.view_scales  # [B, 3 F, P]
         return torch.cat([u, torch.sin(torch.cat([a, a + math.pi / 2], 1))], 1)
 
     def rays(self, c2w: Tensor, intrinsics: Tensor | None = None) -> tuple[Tensor, Tensor]:
