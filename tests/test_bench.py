@@ -154,7 +154,8 @@ def test_fps_guard_trips_on_a_slower_model_and_names_both_figures() -> None:
     from mg3d.bench.fpsguard import check, measure, reference_spec
 
     small = reference_spec(depth=4, width=64, width_px=128, height_px=128, cx=64.0, cy=64.0)
-    slow = reference_spec(depth=24, width=128, width_px=128, height_px=128, cx=64.0, cy=64.0)
+    # MobileR2L's 28x256: 3-8x the small one's frame here (24x128 was only 17-26% slower at this size, at the threshold)
+    slow = reference_spec(depth=28, width=256, width_px=128, height_px=128, cx=64.0, cy=64.0)
     baseline = measure(small, runs=5)
     passed, message = check(measure(slow, runs=5), baseline)
     assert not passed and "render FPS regression" in message
