@@ -53,7 +53,7 @@ def _shipped(model):
 
 def _student_times(model, pose, repeats: int, cuda: bool, prefix: str = "student", eager: bool = True, fns: dict | None = None) -> dict:
     """Frame times (ms) of one student: on CUDA fp16 with BatchNorm folded into the convs under CUDA graphs
-    (how it ships), and with ``eager`` also eager fp16 (unfolded), bf16 autocast and fp32; on a CPU fp32.
+    (how it ships; also with ``torch.backends.cudnn.benchmark``), and with ``eager`` also eager fp16 (unfolded), bf16 autocast and fp32; on a CPU fp32.
     ``fns``: filled with each timed form's callable, by its key (for :func:`_rounds`)."""
     import torch
 
@@ -69,6 +69,15 @@ def _student_times(model, pose, repeats: int, cuda: bool, prefix: str = "student
             timed(f"{prefix}_fp16_folded_cudagraph_ms", lambda: graphed(pose.half()))
         except Exception as exc:  # noqa: BLE001 - a compiler failure loses one row, not the run
             result[f"{prefix}_fp16_cudagraph_error"] = f"{exc.__class__.__name__}: {str(exc)[:200]}"
+        # the same with cuDNN choosing each convolution's algorithm by timing them (the frame's shapes are fixed)
+        torch.backends.cudnn.benchmark = True
+        try:
+            tuned = torch.compile(_shipped(model), mode="reduce-overhead")
+            timed(f"{prefix}_fp16_folded_cudagraph_cudnn_benchmark_ms", lambda: tuned(pose.half()))
+        except Exception as exc:  # noqa: BLE001
+            result[f"{prefix}_fp16_cudnn_benchmark_error"] = f"{exc.__class__.__name__}: {str(exc)[:200]}"
+        finally:
+            torch.backends.cudnn.benchmark = False
         if not eager:
             return result
         half = copy.deepcopy(model).half().to(memory_format=torch.channels_last)

@@ -429,10 +429,11 @@ def test_occupancy_is_baked_from_the_teacher(ws: Path, cli) -> None:
     assert bool(((depth >= lo - 1e-4) & (depth <= hi + 1e-4))[hit].all())  # the depth stays in its window
 
 
-def test_occupancy_without_detail_is_refused(ws: Path, cli) -> None:
-    result = cli("student", ws, *SHORT, "--occupancy", "32")
+@pytest.mark.parametrize(("option", "needle"), [(("--occupancy", "32"), "occupancy"), (("--detail-view", "2"), "detail_view"), (("--detail-lines",), "detail_lines")])
+def test_detail_options_without_detail_are_refused(ws: Path, cli, option: tuple[str, ...], needle: str) -> None:
+    result = cli("student", ws, *SHORT, *option)
     assert result.exit_code != 0
-    one_line_error(result, "occupancy", "detail")
+    one_line_error(result, needle, "detail")
     assert not (ws / "student").exists()
 
 
