@@ -18,7 +18,8 @@ and log2_size), resolution (cells per side; a hash grid's finest level), channel
 hidden (decoder width), layers (decoder hidden layers), box (cube: the student's [-radius, radius]^3;
 tight: the box of the surface points, per axis), view (1: the decoder also sees the viewing direction),
 vm (1: each plane's features times those of a line along the third axis, TensoRF's vector-matrix form: the
-same read cost as planes plus two reads per line, and no two points that share a plane cell share features).
+same read cost as planes plus two reads per line, and no two points that share a plane cell share features),
+line_res (cells of those lines; 0: the planes' resolution).
 Prints one JSON line per variant; the teacher's renders are cached in --cache.
 """
 
@@ -34,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-DEFAULTS = {"grid": "planes", "resolution": 512, "channels": 4, "hidden": 32, "layers": 1, "box": "cube", "view": 0, "levels": 16, "log2_size": 19, "vm": 0}
+DEFAULTS = {"grid": "planes", "resolution": 512, "channels": 4, "hidden": 32, "layers": 1, "box": "cube", "view": 0, "levels": 16, "log2_size": 19, "vm": 0, "line_res": 0}
 WORDS = {"grid": ("planes", "hash"), "box": ("cube", "tight")}
 
 
@@ -110,7 +111,7 @@ class Texture(nn.Module):
             self.planes = nn.Parameter(torch.empty(3, channels, resolution, resolution).uniform_(-1e-2, 1e-2))
             width = 3 * channels
         # vm: lines along z, y, x (the axes the xy, xz, yz planes lack), starting at 1: the planes alone
-        self.lines = nn.Parameter(torch.ones(3, channels, resolution)) if options["vm"] and self.hash is None else None
+        self.lines = nn.Parameter(torch.ones(3, channels, options["line_res"] or resolution)) if options["vm"] and self.hash is None else None
         dims = [width + (15 if self.view else 0)] + [hidden] * layers
         body: list[nn.Module] = []
         for a, b in zip(dims[:-1], dims[1:]):
