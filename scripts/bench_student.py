@@ -64,20 +64,17 @@ def _student_times(model, pose, repeats: int, cuda: bool, prefix: str = "student
         result[key] = 1000 * _timed(fn, repeats, cuda)
 
     if cuda:
-        try:
-            graphed = torch.compile(_shipped(model), mode="reduce-overhead")  # CUDA graphs: no per-layer launch cost
-            timed(f"{prefix}_fp16_folded_cudagraph_ms", lambda: graphed(pose.half()))
-        except Exception as exc:  # noqa: BLE001 - a compiler failure loses one row, not the run
-            result[f"{prefix}_fp16_cudagraph_error"] = f"{exc.__class__.__name__}: {str(exc)[:200]}"
-        # the same with cuDNN choosing each convolution's algorithm by timing them (the frame's shapes are fixed)
-        torch.backends.cudnn.benchmark = True
-        try:
-            tuned = torch.compile(_shipped(model), mode="reduce-overhead")
-            timed(f"{prefix}_fp16_folded_cudagraph_cudnn_benchmark_ms", lambda: tuned(pose.half()))
-        except Exception as exc:  # noqa: BLE001
-            result[f"{prefix}_fp16_cudnn_benchmark_error"] = f"{exc.__class__.__name__}: {str(exc)[:200]}"
-        finally:
-            torch.backends.cudnn.benchmark = False
+        # CUDA graphs (no per-layer launch cost); then the same with cuDNN choosing each convolution's
+        # algorithm by timing them (the frame's shapes are fixed)
+        for name, benchmark in (("cudagraph", False), ("cudagraph_cudnn_benchmark", True)):
+            torch.backends.cudnn.benchmark = benchmark
+            try:
+                graphed = torch.compile(_shipped(model), mode="reduce-overhead")
+                timed(f"{prefix}_fp16_folded_{name}_ms", lambda graphed=graphed: graphed(pose.half()))
+            except Exception as exc:  # noqa: BLE001 - a compiler failure loses one row, not the run
+                result[f"{prefix}_fp16_{name}_error"] = f"{exc.__class__.__name__}: {str(exc)[:200]}"
+            finally:
+                torch.backends.cudnn.benchmark = False
         if not eager:
             return result
         half = copy.deepcopy(model).half().to(memory_format=torch.channels_last)

@@ -111,7 +111,8 @@ class Texture(nn.Module):
             self.planes = nn.Parameter(torch.empty(3, channels, resolution, resolution).uniform_(-1e-2, 1e-2))
             width = 3 * channels
         # vm: lines along z, y, x (the axes the xy, xz, yz planes lack), starting at 1: the planes alone
-        self.lines = nn.Parameter(torch.ones(3, channels, options["line_res"] or resolution)) if options["vm"] and self.hash is None else None
+        self.line_res = options["line_res"] or resolution
+        self.lines = nn.Parameter(torch.ones(3 * self.line_res, channels)) if options["vm"] and self.hash is None else None  # the student's layout
         dims = [width + (15 if self.view else 0)] + [hidden] * layers
         body: list[nn.Module] = []
         for a, b in zip(dims[:-1], dims[1:]):
@@ -124,11 +125,10 @@ class Texture(nn.Module):
             return self.decode(self.hash((x + 1) / 2), d)
         uv = torch.stack([x[:, [0, 1]], x[:, [0, 2]], x[:, [1, 2]]])[:, :, None, :]  # [3, N, 1, 2]
         f = nn.functional.grid_sample(self.planes, uv, mode="bilinear", padding_mode="border", align_corners=True)[..., 0]  # [3, C, N]
-        if self.lines is not None:
-            w = ((x[:, [2, 1, 0]].T.clamp(-1, 1) + 1) / 2 * (self.lines.shape[-1] - 1))  # [3, N] in cells
-            lo = w.floor().clamp(max=self.lines.shape[-1] - 2)
-            k, t = lo.long()[:, None].expand(-1, self.lines.shape[1], -1), (w - lo)[:, None]  # [3, C, N], [3, 1, N]
-            f = f * (self.lines.gather(2, k) * (1 - t) + self.lines.gather(2, k + 1) * t)
+        if self.lines is not None:  # the student's own line reads (mg3d.student.model)
+            from mg3d.student.model import sampled_line_features
+
+            f = f * sampled_line_features(x.T[None, :, None, :], self.lines, self.line_res, 1.0, len(x))[0]
         return self.decode(f.permute(2, 0, 1).reshape(len(x), -1), d)
 
     def decode(self, f: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
