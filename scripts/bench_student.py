@@ -53,7 +53,7 @@ def _shipped(model):
 
 def _student_times(model, pose, repeats: int, cuda: bool, prefix: str = "student", eager: bool = True, fns: dict | None = None) -> dict:
     """Frame times (ms) of one student: on CUDA fp16 with BatchNorm folded into the convs under CUDA graphs
-    (how it ships; also with ``torch.backends.cudnn.benchmark``), and with ``eager`` also eager fp16 (unfolded), bf16 autocast and fp32; on a CPU fp32.
+    (how it ships; also with ``torch.backends.cudnn.benchmark``, and compiled with max-autotune), and with ``eager`` also eager fp16 (unfolded), bf16 autocast and fp32; on a CPU fp32.
     ``fns``: filled with each timed form's callable, by its key (for :func:`_rounds`)."""
     import torch
 
@@ -65,16 +65,23 @@ def _student_times(model, pose, repeats: int, cuda: bool, prefix: str = "student
 
     if cuda:
         # CUDA graphs (no per-layer launch cost); then the same with cuDNN choosing each convolution's
-        # algorithm by timing them (the frame's shapes are fixed)
-        for name, benchmark in (("cudagraph", False), ("cudagraph_cudnn_benchmark", True)):
-            torch.backends.cudnn.benchmark = benchmark
+        # algorithm by timing them (the frame's shapes are fixed); then inductor's max-autotune (Triton matrix
+        # products whose epilogues take the bias, GELU and residual add, also under CUDA graphs) with the 1x1
+        # convolutions compiled as matrix products, so that the residual blocks' convolutions are among them
+        from torch._dynamo import config as dynamo
+        from torch._inductor import config as inductor
+
+        dynamo.recompile_limit = 64  # every form of every variant compiles the same forward anew
+        forms = (("cudagraph", "reduce-overhead", False, False), ("cudagraph_cudnn_benchmark", "reduce-overhead", True, False), ("max_autotune_mm", "max-autotune", False, True))
+        for name, mode, benchmark, as_mm in forms:
+            torch.backends.cudnn.benchmark, inductor.conv_1x1_as_mm = benchmark, as_mm
             try:
-                graphed = torch.compile(_shipped(model), mode="reduce-overhead")
+                graphed = torch.compile(_shipped(model), mode=mode)
                 timed(f"{prefix}_fp16_folded_{name}_ms", lambda graphed=graphed: graphed(pose.half()))
             except Exception as exc:  # noqa: BLE001 - a compiler failure loses one row, not the run
                 result[f"{prefix}_fp16_{name}_error"] = f"{exc.__class__.__name__}: {str(exc)[:200]}"
             finally:
-                torch.backends.cudnn.benchmark = False
+                torch.backends.cudnn.benchmark, inductor.conv_1x1_as_mm = False, False
         if not eager:
             return result
         half = copy.deepcopy(model).half().to(memory_format=torch.channels_last)

@@ -19,7 +19,12 @@ hidden (decoder width), layers (decoder hidden layers), box (cube: the student's
 tight: the box of the surface points, per axis), view (1: the decoder also sees the viewing direction),
 vm (1: each plane's features times those of a line along the third axis, TensoRF's vector-matrix form: the
 same read cost as planes plus two reads per line, and no two points that share a plane cell share features),
-line_res (cells of those lines; 0: the planes' resolution).
+line_res (cells of those lines; 0: the planes' resolution), scales (planes at resolution, resolution/2, ...:
+that many sets, their features concatenated, as K-planes' multi-scale planes), prod (1: the three planes'
+features multiplied instead of concatenated, K-planes' Hadamard product: C features per point that depend
+on all three coordinates, planes starting in [0.1, 0.5]), points (read at that many points along the
+viewing ray around the surface, ``spread`` plane cells apart, their features concatenated: a shell instead
+of one point).
 Prints one JSON line per variant; the teacher's renders are cached in --cache.
 """
 
@@ -35,7 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
-DEFAULTS = {"grid": "planes", "resolution": 512, "channels": 4, "hidden": 32, "layers": 1, "box": "cube", "view": 0, "levels": 16, "log2_size": 19, "vm": 0, "line_res": 0}
+DEFAULTS = {"grid": "planes", "resolution": 512, "channels": 4, "hidden": 32, "layers": 1, "box": "cube", "view": 0, "levels": 16, "log2_size": 19, "vm": 0, "line_res": 0, "scales": 1, "prod": 0, "points": 1, "spread": 1}
 WORDS = {"grid": ("planes", "hash"), "box": ("cube", "tight")}
 
 
@@ -104,15 +109,20 @@ class Texture(nn.Module):
             from mg3d.teacher.encoding import HashGrid
 
             self.hash = HashGrid(options["levels"], channels, options["log2_size"], 16, resolution)
-            self.planes = self.hash.table
+            self.planes = nn.ParameterList([self.hash.table])
             width = self.hash.out_dim
         else:
             self.hash = None
-            self.planes = nn.Parameter(torch.empty(3, channels, resolution, resolution).uniform_(-1e-2, 1e-2))
-            width = 3 * channels
+            self.prod = bool(options["prod"])
+            self.resolutions = [max(2, resolution >> i) for i in range(options["scales"])]
+            low, high = (0.1, 0.5) if self.prod else (-1e-2, 1e-2)
+            self.planes = nn.ParameterList([nn.Parameter(torch.empty(3, channels, r, r).uniform_(low, high)) for r in self.resolutions])
+            width = len(self.resolutions) * channels * (1 if self.prod else 3)
         # vm: lines along z, y, x (the axes the xy, xz, yz planes lack), starting at 1: the planes alone
         self.line_res = options["line_res"] or resolution
         self.lines = nn.Parameter(torch.ones(3 * self.line_res, channels)) if options["vm"] and self.hash is None else None  # the student's layout
+        self.points, self.spread = options["points"], options["spread"] * 2.0 / resolution  # read points, their spacing in [-1, 1] units
+        width *= self.points
         dims = [width + (15 if self.view else 0)] + [hidden] * layers
         body: list[nn.Module] = []
         for a, b in zip(dims[:-1], dims[1:]):
@@ -121,15 +131,24 @@ class Texture(nn.Module):
 
     def forward(self, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         """x [N, 3] in [-1, 1]^3, unit viewing directions d [N, 3] -> rgb [N, 3]."""
-        if self.hash is not None:
-            return self.decode(self.hash((x + 1) / 2), d)
-        uv = torch.stack([x[:, [0, 1]], x[:, [0, 2]], x[:, [1, 2]]])[:, :, None, :]  # [3, N, 1, 2]
-        f = nn.functional.grid_sample(self.planes, uv, mode="bilinear", padding_mode="border", align_corners=True)[..., 0]  # [3, C, N]
-        if self.lines is not None:  # the student's own line reads (mg3d.student.model)
-            from mg3d.student.model import sampled_line_features
+        offsets = (torch.arange(self.points, dtype=x.dtype, device=x.device) - (self.points - 1) / 2) * self.spread
+        reads = [self.features((x + d * o).clamp(-1, 1)) for o in offsets.tolist()]
+        return self.decode(torch.cat(reads, 1), d)
 
-            f = f * sampled_line_features(x.T[None, :, None, :], self.lines, self.line_res, 1.0, len(x))[0]
-        return self.decode(f.permute(2, 0, 1).reshape(len(x), -1), d)
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """x [N, 3] in [-1, 1]^3 -> the texture's features [N, width / points]."""
+        if self.hash is not None:
+            return self.hash((x + 1) / 2)
+        uv = torch.stack([x[:, [0, 1]], x[:, [0, 2]], x[:, [1, 2]]])[:, :, None, :]  # [3, N, 1, 2]
+        out = []
+        for planes in self.planes:
+            f = nn.functional.grid_sample(planes, uv, mode="bilinear", padding_mode="border", align_corners=True)[..., 0]  # [3, C, N]
+            if self.lines is not None:  # the student's own line reads (mg3d.student.model)
+                from mg3d.student.model import sampled_line_features
+
+                f = f * sampled_line_features(x.T[None, :, None, :], self.lines, self.line_res, 1.0, len(x))[0]
+            out.append((f[0] * f[1] * f[2]).T if self.prod else f.permute(2, 0, 1).reshape(len(x), -1))
+        return torch.cat(out, 1)
 
     def decode(self, f: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         if self.view:
@@ -195,7 +214,7 @@ def fit(train: dict, test: dict, bound: float, options: dict, steps: int, batch:
     y_train, y_test = (torch.from_numpy(np.ascontiguousarray(a["rgb"])).float().to(device) for a in (train, test))
     d_train, d_test = (torch.from_numpy(np.ascontiguousarray(a["dirs"])).float().to(device) if "dirs" in a else torch.zeros(len(a["points"]), 3, device=device) for a in (train, test))
     model = Texture(options).to(device)
-    optimizer = torch.optim.Adam([{"params": [model.planes] + ([model.lines] if model.lines is not None else []), "lr": 1e-2}, {"params": model.decoder.parameters(), "lr": 1e-3}], eps=1e-15)
+    optimizer = torch.optim.Adam([{"params": list(model.planes) + ([model.lines] if model.lines is not None else []), "lr": 1e-2}, {"params": model.decoder.parameters(), "lr": 1e-3}], eps=1e-15)
     t0 = time.perf_counter()
     for step in range(steps):
         for group, base in zip(optimizer.param_groups, (1e-2, 1e-3)):

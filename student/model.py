@@ -69,6 +69,8 @@ class StudentSpec:
     head_width: int = 64  # channels of those layers
     detail_lines: bool = False  # detail students: each plane's features times those of a line along the axis it lacks (TensoRF's vector-matrix form)
     detail_view: int = 0  # detail students: frequencies of the viewing direction's encoding that the fuse conv also reads at every pixel (0: none)
+    detail_scales: int = 1  # detail students: sets of texture planes at detail_resolution, half of it, ... (K-planes' multi-scale planes)
+    detail_product: bool = False  # detail students: the three planes' features multiplied (K-planes' Hadamard product) instead of concatenated
 
     def __post_init__(self) -> None:
         check_resolution(self.width_px, self.height_px, self.sr_factor)
@@ -92,6 +94,10 @@ class StudentSpec:
             raise ConfigError("detail_lines needs the surface detail", hint="set detail > 0 too, or detail_lines=false")
         if self.detail_view < 0 or (self.detail_view and not self.detail):
             raise ConfigError(f"detail_view {self.detail_view} needs the surface detail", hint="set detail > 0 too, or detail_view=0")
+        if self.detail_scales < 1 or ((self.detail_scales > 1 or self.detail_product) and not self.detail):
+            raise ConfigError(f"detail_scales {self.detail_scales} / detail_product {self.detail_product} need the surface detail", hint="set detail > 0 too; detail_scales is at least 1")
+        if self.detail and self.detail_resolution >> (self.detail_scales - 1) < 2:
+            raise ConfigError(f"{self.detail_scales} scales of {self.detail_resolution}-cell planes end below 2 cells", hint="use fewer detail_scales or a larger detail_resolution")
         if self.detail < 0 or (self.detail and self.detail_resolution < 2):
             raise ConfigError(f"detail {self.detail} / detail_resolution {self.detail_resolution} are out of range", hint="use detail >= 0 and a resolution of 2 cells or more (512 is the default)")
         if not 0 < self.near < self.far:
@@ -111,6 +117,16 @@ class StudentSpec:
         """Channels of the viewing-direction encoding the surface detail's fuse reads: the unit direction, then
         sin and cos of it times pi 2^f for each of ``detail_view`` frequencies (0 without it)."""
         return 3 * (1 + 2 * self.detail_view) if self.detail_view else 0
+
+    @property
+    def detail_resolutions(self) -> list[int]:
+        """Cells per side of each scale's texture planes, finest first."""
+        return [self.detail_resolution >> k for k in range(self.detail_scales)]
+
+    @property
+    def detail_channels(self) -> int:
+        """Texture channels the surface detail's fuse reads per pixel: C per scale with the product, else 3 C."""
+        return self.detail * self.detail_scales * (1 if self.detail_product else 3)
 
     @property
     def plane_extent(self) -> float:
@@ -346,13 +362,18 @@ class SurfaceDetail(nn.Module):
         self.spec = spec
         self.register_buffer("dirs", grid_directions(spec, step=1), persistent=False)  # [3, H*W]
         self.register_buffer("center", torch.tensor(spec.center, dtype=torch.float32), persistent=False)  # [3]
-        self.planes = nn.Parameter(torch.empty(3 * spec.detail_resolution**2, spec.detail).uniform_(-1e-2, 1e-2))
+        # small random values, as instant-NGP starts its tables; with the product in [0.1, 0.5], as K-planes does
+        # (products of three small values would start near zero)
+        low, high = (0.1, 0.5) if spec.detail_product else (-1e-2, 1e-2)
+        self.planes = nn.Parameter(torch.empty(3 * spec.detail_resolution**2, spec.detail).uniform_(low, high))
+        # the coarser scales (none by default, so older students load unchanged)
+        self.coarse = nn.ParameterList([nn.Parameter(torch.empty(3 * r * r, spec.detail).uniform_(low, high)) for r in spec.detail_resolutions[1:]])
         if spec.detail_lines:  # ones: the student starts as with the planes alone
             self.lines = nn.Parameter(torch.ones(3 * spec.detail_resolution, spec.detail))
         self.depth = nn.Conv2d(channels, 1, 1)
         nn.init.zeros_(self.depth.weight)  # starts at the middle of the sample range
         nn.init.zeros_(self.depth.bias)
-        self.fuse = nn.Conv2d(channels + 3 * spec.detail + spec.view_channels, channels, 1)
+        self.fuse = nn.Conv2d(channels + spec.detail_channels + spec.view_channels, channels, 1)
         if spec.detail_view:  # pi 2^f for each frequency f, per coordinate: [1, 3 F, 1] against the direction repeated F times
             scales = math.pi * 2.0 ** torch.arange(spec.detail_view, dtype=torch.float32).repeat_interleave(3)
             self.register_buffer("view_scales", scales.view(1, -1, 1), persistent=False)
@@ -382,14 +403,25 @@ class SurfaceDetail(nn.Module):
             else:
                 t = (distance_at(spec, s) if surface is None else surface.float()).reshape(-1, 1, 1, p)  # [B, 1, 1, P]
             points = contract((origin + d * t - self.center.float().view(1, 3, 1, 1)) / spec.radius, dim=1)  # [B, 3, 1, P]
-            feats = plane_features(points, self.planes, spec.detail_resolution, spec.plane_extent, 1, p)  # [B, 3, 1, C, P]
-            if spec.detail_lines:
-                feats = feats * line_features(points, self.lines, spec.detail_resolution, spec.plane_extent, p).unsqueeze(2)
+            feats = self.texture(points)  # [B, detail_channels, P]
             if spec.detail_view:
-                feats = torch.cat([feats.reshape(-1, 3 * spec.detail, p), self.view_encoding(d[:, :, 0]).to(feats.dtype)], 1)
-        feats = feats.reshape(-1, 3 * spec.detail + spec.view_channels, spec.height_px, spec.width_px)
+                feats = torch.cat([feats, self.view_encoding(d[:, :, 0]).to(feats.dtype)], 1)
+        feats = feats.reshape(-1, spec.detail_channels + spec.view_channels, spec.height_px, spec.width_px)
         fused = self.fuse(torch.cat([features, feats.to(features.dtype)], 1))
         return fused, t.reshape(-1, 1, spec.height_px, spec.width_px)
+
+    def texture(self, points: Tensor) -> Tensor:
+        """The texture's features [B, detail_channels, P] at points [B, 3, 1, P] (encoded coordinates): per
+        scale, the three planes' reads (times the lines'), concatenated or multiplied."""
+        spec, p = self.spec, self.spec.width_px * self.spec.height_px  # constants: traced graphs keep no shape arithmetic
+        lines = line_features(points, self.lines, spec.detail_resolution, spec.plane_extent, p).unsqueeze(2) if spec.detail_lines else None  # [B, 3, 1, C, P]
+        out = []
+        for planes, r in zip([self.planes, *self.coarse], spec.detail_resolutions):
+            f = plane_features(points, planes, r, spec.plane_extent, 1, p)  # [B, 3, 1, C, P]
+            if lines is not None:
+                f = f * lines
+            out.append(f[:, 0] * f[:, 1] * f[:, 2] if spec.detail_product else f)
+        return torch.cat([f.reshape(-1, spec.detail * (1 if spec.detail_product else 3), p) for f in out], 1)
 
     def view_encoding(self, d: Tensor) -> Tensor:
         """Ray directions d [B, 3, P] (any length) -> [B, view_channels, P]: the unit direction u, then sin and
@@ -578,7 +610,7 @@ def macs_per_frame(spec: StudentSpec) -> int:
         total += p * (scale // 2) ** 2 * up + p * scale**2 * 9 * c_out * c_out
         c_in = c_out
     if spec.detail:  # depth and fuse convolutions at every pixel (plane reads not counted)
-        total += p * scale**2 * (c_in + (c_in + 3 * spec.detail + spec.view_channels) * c_in)
+        total += p * scale**2 * (c_in + (c_in + spec.detail_channels + spec.view_channels) * c_in)
     for _ in range(spec.head_layers):  # the head's hidden layers
         total += p * scale**2 * c_in * spec.head_width
         c_in = spec.head_width

@@ -43,6 +43,12 @@ def setup_device(name: str) -> torch.device:
     return device
 
 
+def is_table(name: str) -> bool:
+    """Whether the student's parameter ``name`` is a feature table (planes, lines): trained at the plane rate,
+    without weight decay, like a hash table."""
+    return name in ("planes", "detail.planes", "detail.lines") or name.startswith("detail.coarse.")
+
+
 def build_spec(meta: dict[str, Any], config: Any) -> StudentSpec:
     """The student's spec from the pseudo data's metadata and the options."""
     from mg3d.student import output_size
@@ -56,6 +62,7 @@ def build_spec(meta: dict[str, Any], config: Any) -> StudentSpec:
         radius=1.0 if unbounded else float(meta["bound"]), samples=config.samples, frequencies=config.frequencies,
         planes=config.planes, plane_resolution=config.plane_resolution, detail=config.detail, detail_resolution=config.detail_resolution, occupancy=config.occupancy, march_steps=config.march_steps,
         head_layers=config.head_layers, head_width=config.head_width, detail_view=config.detail_view, detail_lines=config.detail_lines,
+        detail_scales=config.detail_scales, detail_product=config.detail_product,
         depth=config.depth, width=config.width, sr_factor=config.sr_factor, upsample=config.upsample, activation=config.activation, norm=config.norm,
     )
 
@@ -229,9 +236,8 @@ def train(
     cuda = device.type == "cuda"
     if cuda and config.mixed_precision:
         model.to(memory_format=torch.channels_last)
-    tables = ("planes", "detail.planes", "detail.lines")
-    planes = [p for name, p in model.named_parameters() if name in tables]
-    groups = [{"params": [p for name, p in model.named_parameters() if name not in tables], "lr": config.lr, "base_lr": config.lr}]
+    planes = [p for name, p in model.named_parameters() if is_table(name)]
+    groups = [{"params": [p for name, p in model.named_parameters() if not is_table(name)], "lr": config.lr, "base_lr": config.lr}]
     if planes:  # the feature planes: a higher rate and no weight decay, like a hash table
         groups.append({"params": planes, "lr": config.plane_lr, "base_lr": config.plane_lr, "weight_decay": 0.0})
     optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.99), weight_decay=config.weight_decay, fused=cuda or None)  # fused: a few kernels per step on CUDA

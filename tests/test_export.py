@@ -160,19 +160,21 @@ def test_surface_detail_exports_with_gathers_and_an_fp32_read_path(tmp_path: Pat
     assert -10 * np.log10(np.mean((low - got) ** 2)) > 40
 
 
-def test_occupancy_student_exports_with_its_march(tmp_path: Path) -> None:
+@pytest.mark.parametrize("texture", [{}, {"detail_scales": 2, "detail_product": True}], ids=["planes", "scales+product"])
+def test_occupancy_student_exports_with_its_march(tmp_path: Path, texture: dict) -> None:
     """The occupancy grid and the march (Gather, ReduceMin) go into the one graph: fp32 matches torch, and the
     fp16 variant, which keeps the march in fp32, stays within 40 dB of it (with a per-pixel head MLP, the
-    viewing direction in the fuse and feature lines)."""
+    viewing direction in the fuse and feature lines; and with two scales of planes, multiplied)."""
     from mg3d.export import onnxmodel as ox
     from mg3d.student.model import NeLF, StudentSpec, fold_batchnorm
     from mg3d.student.synthetic import sphere_occupancy
 
     torch.manual_seed(0)
     spec = StudentSpec(width_px=64, height_px=48, fx=70, fy=70, cx=32, cy=24, near=2, far=6, radius=1.5, depth=2, width=16, sr_factor=8, detail=4,
-                       detail_resolution=512, occupancy=32, march_steps=64, head_layers=1, head_width=24, detail_view=2, detail_lines=True)
+                       detail_resolution=512, occupancy=32, march_steps=64, head_layers=1, head_width=24, detail_view=2, detail_lines=True, **texture)
     model = NeLF(spec).eval()
-    torch.nn.init.normal_(model.detail.planes, std=0.5)
+    for planes in (model.detail.planes, *model.detail.coarse):
+        torch.nn.init.normal_(planes, mean=0.5 if spec.detail_product else 0.0, std=0.5)
     torch.nn.init.normal_(model.detail.depth.weight, std=0.5)
     torch.nn.init.normal_(model.detail.lines, mean=1.0, std=0.5)
     model.detail.set_occupancy(torch.from_numpy(sphere_occupancy(((np.zeros(3), 0.6 - 1 / 32),), 32)))  # a ball of radius 0.6
@@ -337,7 +339,7 @@ def test_missing_coremltools_names_the_extra(student_ws: Path, cli, monkeypatch:
 
 def test_ios_export_keeps_the_surface_detail_in_fp32_and_compresses_only_convolutions() -> None:
     """Core ML: an occupancy student converts with its point placement, march and plane reads in fp32 (plane
-    and grid indices need it; the viewing direction and the feature lines too) and the rest in fp16; int8 and palettized variants compress the convolutions'
+    and grid indices need it; the viewing direction, the feature lines and a second, coarser plane scale too) and the rest in fp16; int8 and palettized variants compress the convolutions'
     weights only, never the ray directions or the planes."""
     pytest.importorskip("coremltools")
     from coremltools.converters.mil.mil import types
@@ -347,7 +349,7 @@ def test_ios_export_keeps_the_surface_detail_in_fp32_and_compresses_only_convolu
 
     torch.manual_seed(0)
     spec = StudentSpec(width_px=64, height_px=48, fx=70, fy=70, cx=32, cy=24, near=2, far=6, radius=1.5, depth=2, width=16, sr_factor=8, detail=4,
-                       detail_resolution=64, occupancy=16, march_steps=32, detail_view=2, detail_lines=True)
+                       detail_resolution=64, occupancy=16, march_steps=32, detail_view=2, detail_lines=True, detail_scales=2, detail_product=True)
     base = coreml.convert(fold_batchnorm(NeLF(spec).eval()), spec.in_channels)
     coreml.check(base, spec.width_px, spec.height_px)
     ops = list(base._mil_program.functions["main"].operations)

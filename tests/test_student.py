@@ -221,6 +221,48 @@ def test_detail_lines_give_each_plane_the_axis_it_lacks() -> None:
         StudentSpec(**{**base, "detail": 0}, detail_lines=True)
 
 
+def test_detail_scales_and_product_read_multi_scale_planes_and_multiply_them() -> None:
+    """--detail-scales S: plane sets at R, R/2, ... (the coarse ones' weights are tables: a plane rate, no decay);
+    --detail-product: the three planes' features multiplied (K-planes), C channels per scale instead of 3 C.
+    The texture the fuse reads is exactly those reads; every scale learns; bad combinations are refused."""
+    import torch
+
+    from mg3d.errors import ConfigError
+    from mg3d.student.model import NeLF, StudentSpec, sampled_line_features, sampled_plane_features
+    from mg3d.student.train import is_table
+
+    torch.manual_seed(0)
+    base = dict(width_px=32, height_px=32, fx=40, fy=40, cx=16, cy=16, near=1, far=4, depth=2, width=32, sr_factor=4, detail=2, detail_resolution=16)
+    for product, per_scale in ((False, 6), (True, 2)):
+        spec = StudentSpec(**base, detail_scales=3, detail_product=product, detail_lines=True)
+        model = NeLF(spec)
+        assert spec.detail_resolutions == [16, 8, 4] and spec.detail_channels == 3 * per_scale
+        assert [tuple(p.shape) for p in (model.detail.planes, *model.detail.coarse)] == [(3 * 256, 2), (3 * 64, 2), (3 * 16, 2)]
+        assert model.detail.fuse.in_channels == 16 + 3 * per_scale  # 16 channels after the x4 upsampling
+        for table in (model.detail.planes, *model.detail.coarse, model.detail.lines):
+            torch.nn.init.normal_(table, mean=1.0, std=0.5)
+        x = torch.rand(2, 3, 1, 32 * 32) * 2 - 1
+        want = []
+        for planes, r in zip((model.detail.planes, *model.detail.coarse), (16, 8, 4)):
+            f = sampled_plane_features(x, planes, r, 1.0, 1, 32 * 32)[:, :, 0]  # [B, 3, C, P]
+            f = f * sampled_line_features(x, model.detail.lines, 16, 1.0, 32 * 32)  # the lines at the finest resolution, for every scale
+            want.append(f[:, 0] * f[:, 1] * f[:, 2] if product else f.reshape(2, 6, -1))
+        assert torch.allclose(model.detail.texture(x), torch.cat(want, 1), atol=1e-6)
+        c2w = torch.eye(4)[None]
+        c2w[0, 2, 3] = 2.5
+        model(c2w).mean().backward()
+        assert all(p.grad.abs().sum() > 0 for p in (model.detail.planes, *model.detail.coarse))
+    assert [name for name, _ in model.named_parameters() if is_table(name)] == ["detail.planes", "detail.lines", "detail.coarse.0", "detail.coarse.1"]
+    plain = NeLF(StudentSpec(**base))  # the defaults: one scale, concatenated, no new weights (older students load)
+    assert not list(plain.detail.coarse) and plain.detail.fuse.in_channels == 16 + 6
+    with pytest.raises(ConfigError, match="detail_scales"):
+        StudentSpec(**{**base, "detail": 0}, detail_scales=2)
+    with pytest.raises(ConfigError, match="detail_product"):
+        StudentSpec(**{**base, "detail": 0}, detail_product=True)
+    with pytest.raises(ConfigError, match="below 2 cells"):
+        StudentSpec(**base, detail_scales=5)
+
+
 def test_mobile_r2l_size() -> None:
     from mg3d.student.model import NeLF, StudentSpec, parameter_count
 
@@ -429,7 +471,8 @@ def test_occupancy_is_baked_from_the_teacher(ws: Path, cli) -> None:
     assert bool(((depth >= lo - 1e-4) & (depth <= hi + 1e-4))[hit].all())  # the depth stays in its window
 
 
-@pytest.mark.parametrize(("option", "needle"), [(("--occupancy", "32"), "occupancy"), (("--detail-view", "2"), "detail_view"), (("--detail-lines",), "detail_lines")])
+@pytest.mark.parametrize(("option", "needle"), [(("--occupancy", "32"), "occupancy"), (("--detail-view", "2"), "detail_view"), (("--detail-lines",), "detail_lines"),
+                                                  (("--detail-scales", "2"), "detail_scales"), (("--detail-product",), "detail_product")])
 def test_detail_options_without_detail_are_refused(ws: Path, cli, option: tuple[str, ...], needle: str) -> None:
     result = cli("student", ws, *SHORT, *option)
     assert result.exit_code != 0
