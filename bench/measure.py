@@ -120,7 +120,7 @@ def estimate_row(profile: DeviceProfile, spec: Any, precision: str, name: str) -
         params += 4 * c * c * 9
     if spec.detail:  # the surface-detail planes, and per pixel the 12 corner reads and the fuse
         params += sum(3 * r * r * spec.detail for r in spec.detail_resolutions) + (3 * spec.detail_resolution * spec.detail if spec.detail_lines else 0)
-        elements += pixels * scale * scale * (12 * spec.detail * spec.detail_scales + 2 * c + spec.detail_channels + spec.view_channels)
+        elements += pixels * scale * scale * (12 * spec.detail * spec.detail_scales * spec.detail_points + 2 * c + spec.detail_channels + spec.view_channels)
     for _ in range(spec.head_layers):  # the head's hidden 1x1 layers at every pixel
         params += c * spec.head_width + spec.head_width
         elements += pixels * scale * scale * spec.head_width

@@ -395,7 +395,7 @@ def report(workspace: Path) -> None:
 
 
 _STUDENT_OPTIONS = [
-    "depth", "width", "samples", "frequencies", "planes", "plane_resolution", "detail", "detail_resolution", "depth_weight", "occupancy", "march_steps", "head_layers", "head_width", "detail_view", "detail_lines", "detail_scales", "detail_product", "sr_factor", "upsample", "activation", "norm", "resolution", "steps",
+    "depth", "width", "samples", "frequencies", "planes", "plane_resolution", "detail", "detail_resolution", "depth_weight", "occupancy", "march_steps", "head_layers", "head_width", "detail_view", "detail_lines", "detail_scales", "detail_product", "detail_points", "detail_spread", "sr_factor", "upsample", "activation", "norm", "resolution", "steps",
     "max_time_s", "batch", "lr", "plane_lr", "weight_decay", "warmup", "finetune_fraction", "finetune_real", "mixed_precision", "checkpoint_every", "eval_views",
     "save_views", "preload_gb", "device", "seed", "compile",
 ]
@@ -419,6 +419,8 @@ _STUDENT_OPTIONS = [
 @click.option("--detail-lines/--no-detail-lines", default=None, help="With --detail: multiply each texture plane's features by a learned line's along the axis the plane lacks (TensoRF's vector-matrix form), so points that share a plane cell differ [default: off].")
 @click.option("--detail-scales", type=click.IntRange(min=1), help="With --detail: sets of texture planes at --detail-resolution, half of it, a quarter, ... (multi-scale planes, as K-planes) [default: 1].")
 @click.option("--detail-product/--no-detail-product", default=None, help="With --detail: multiply the three texture planes' features (K-planes' Hadamard product: features that depend on all three coordinates) instead of concatenating them [default: off].")
+@click.option("--detail-points", type=click.IntRange(min=1), help="With --detail: points along each pixel's ray, centred on the surface, where the texture is read (a shell instead of one point; features concatenated) [default: 1].")
+@click.option("--detail-spread", type=click.FloatRange(min=0, min_open=True), help="Spacing of those points, in cells of the finest texture planes [default: 2].")
 @click.option("--detail-view", type=click.IntRange(min=0), help="With --detail: frequencies of the viewing direction's encoding read with the surface texture at every pixel (view-dependent colour); 0: none [default: 0].")
 @click.option("--sr-factor", type=click.IntRange(min=1), help="Super-resolution factor, a power of two [default: 8].")
 @click.option("--upsample", type=click.Choice(["shuffle", "transpose"]), help="Upsampling: shuffle (depth-to-space, NNAPI-friendly) or transpose (MobileR2L) [default: shuffle].")

@@ -51,29 +51,31 @@ def _shipped(model):
     return fold_batchnorm(model).half().to(memory_format=torch.channels_last)
 
 
-def _student_times(model, pose, repeats: int, cuda: bool, prefix: str = "student", eager: bool = True, fns: dict | None = None) -> dict:
+def _student_times(model, pose, repeats: int, cuda: bool, prefix: str = "student", eager: bool = True, fns: dict | None = None, autotune: bool = False) -> dict:
     """Frame times (ms) of one student: on CUDA fp16 with BatchNorm folded into the convs under CUDA graphs
-    (how it ships; also with ``torch.backends.cudnn.benchmark``, and compiled with max-autotune), and with ``eager`` also eager fp16 (unfolded), bf16 autocast and fp32; on a CPU fp32.
+    (how it ships; also with ``torch.backends.cudnn.benchmark``, and with ``autotune`` compiled with max-autotune), and with
+    ``eager`` also eager fp16 (unfolded), bf16 autocast and fp32; on a CPU fp32.
     ``fns``: filled with each timed form's callable, by its key (for :func:`_rounds`)."""
     import torch
 
     result, fns = {}, {} if fns is None else fns
 
     def timed(key: str, fn) -> None:
-        fns[key] = fn
         result[key] = 1000 * _timed(fn, repeats, cuda)
+        fns[key] = fn  # only forms that ran
 
     if cuda:
         # CUDA graphs (no per-layer launch cost); then the same with cuDNN choosing each convolution's
         # algorithm by timing them (the frame's shapes are fixed); then inductor's max-autotune (Triton matrix
         # products whose epilogues take the bias, GELU and residual add, also under CUDA graphs) with the 1x1
         # convolutions compiled as matrix products, so that the residual blocks' convolutions are among them
+        # (minutes of autotuning per student, hence opt-in)
         from torch._dynamo import config as dynamo
         from torch._inductor import config as inductor
 
         dynamo.recompile_limit = 64  # every form of every variant compiles the same forward anew
-        forms = (("cudagraph", "reduce-overhead", False, False), ("cudagraph_cudnn_benchmark", "reduce-overhead", True, False), ("max_autotune_mm", "max-autotune", False, True))
-        for name, mode, benchmark, as_mm in forms:
+        forms = [("cudagraph", "reduce-overhead", False, False), ("cudagraph_cudnn_benchmark", "reduce-overhead", True, False)]
+        for name, mode, benchmark, as_mm in forms + ([("max_autotune_mm", "max-autotune", False, True)] if autotune else []):
             torch.backends.cudnn.benchmark, inductor.conv_1x1_as_mm = benchmark, as_mm
             try:
                 graphed = torch.compile(_shipped(model), mode=mode)
@@ -124,7 +126,7 @@ def _kernel_table(model, pose, rows: int = 15) -> list[list]:
     return [[e.key[:90], e.count, round(e.device_time_total, 1)] for e in events[:rows]]
 
 
-def speed(ws: Path, student_dir: Path, repeats: int, threads: int, onnx_models: tuple[Path, ...] = (), variants: tuple[str, ...] = (), kernels: bool = False, rounds: int = 5) -> dict:
+def speed(ws: Path, student_dir: Path, repeats: int, threads: int, onnx_models: tuple[Path, ...] = (), variants: tuple[str, ...] = (), kernels: bool = False, rounds: int = 5, autotune: bool = False) -> dict:
     """Student vs teacher frame time at the student's resolution on one held-out camera (and the student's
     exported ONNX files ``onnx_models`` on onnxruntime). Every form of the student is timed once; then its
     fastest form and the teacher are timed in turn ``rounds`` times, and ``speedup`` is the median of the
@@ -157,7 +159,7 @@ def speed(ws: Path, student_dir: Path, repeats: int, threads: int, onnx_models: 
     result = {"resolution": [w, h], "device": torch.cuda.get_device_name() if cuda else f"{platform.processor() or 'cpu'} ({torch.get_num_threads()} threads)"}
     fns: dict = {}
     with torch.no_grad():
-        result.update(_student_times(student, pose, repeats, cuda, fns=fns))
+        result.update(_student_times(student, pose, repeats, cuda, fns=fns, autotune=autotune))
         for path in onnx_models:  # exported variants on onnxruntime's CPU provider, same camera
             from mg3d.export.onnxmodel import session
 
@@ -174,7 +176,7 @@ def speed(ws: Path, student_dir: Path, repeats: int, threads: int, onnx_models: 
         for k, variant in enumerate(variants):
             spec = dataclasses.replace(student.spec, **_pairs(variant.split(",")))
             result[f"variant{k}"] = variant
-            result.update(_student_times(NeLF(spec).to(device).eval(), pose, repeats, cuda, prefix=f"variant{k}", eager=False))
+            result.update(_student_times(NeLF(spec).to(device).eval(), pose, repeats, cuda, prefix=f"variant{k}", eager=False, autotune=autotune))
     result["student_fps"] = round(1000 / result["student_ms"], 1)
     result["teacher_fps"] = round(1000 / result["teacher_ms"], 2)
     result["speedup"] = round(statistics.median(t / s for s, t in zip(student_ms, teacher_ms)), 1)
@@ -208,6 +210,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for the speed phase (0: torch's default)")
     parser.add_argument("--onnx", type=Path, action="append", default=[], help="speed phase: also time this exported model on onnxruntime")
     parser.add_argument("--variant", action="append", default=[], help="speed phase: also time a random-weight student of this spec changed so (KEY=VALUE,KEY=VALUE)")
+    parser.add_argument("--max-autotune", action="store_true", help="speed phase on CUDA: also time each student compiled with inductor's max-autotune (minutes of tuning each)")
     parser.add_argument("--kernels", action="store_true", help="speed phase on CUDA: list the student's costliest kernels")
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
     opts = parser.parse_args()
@@ -256,7 +259,7 @@ def main() -> None:
         for png in sorted((keep / "renders").glob("*.png"))[:2]:
             shutil.copy(png, opts.out / f"student_{opts.tag}_{png.name}")
     if "speed" in phases:
-        write(f"speed_{opts.tag}", speed(opts.ws, opts.ws / f"student_{opts.tag}", opts.repeats, opts.threads, tuple(opts.onnx), tuple(opts.variant), opts.kernels, opts.rounds))
+        write(f"speed_{opts.tag}", speed(opts.ws, opts.ws / f"student_{opts.tag}", opts.repeats, opts.threads, tuple(opts.onnx), tuple(opts.variant), opts.kernels, opts.rounds, opts.max_autotune))
 
 
 if __name__ == "__main__":

@@ -47,6 +47,8 @@ class StudentConfig:
     detail_view: int = 0  # detail students: frequencies of the viewing direction's encoding read with the surface texture at every pixel (0: none)
     detail_scales: int = 1  # detail students: sets of texture planes at detail_resolution, half of it, ... (K-planes' multi-scale planes)
     detail_product: bool = False  # detail students: the three planes' features multiplied (K-planes' Hadamard product) instead of concatenated
+    detail_points: int = 1  # detail students: points along each pixel's ray around the surface where the texture is read (features concatenated)
+    detail_spread: float = 2.0  # their spacing, in cells of the finest texture planes
     sr_factor: int = 8  # super-resolution factor
     upsample: str = "shuffle"  # shuffle (depth-to-space; NNAPI-friendly) or transpose (MobileR2L)
     activation: str = "gelu_tanh"  # gelu_tanh (Tanh: NNAPI and Core ML run it) or gelu (exact; Erf, which NNAPI lacks)
@@ -71,7 +73,7 @@ class StudentConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("depth", "width", "samples", "sr_factor", "steps", "batch", "checkpoint_every", "march_steps", "head_width", "detail_scales"):
+        for name in ("depth", "width", "samples", "sr_factor", "steps", "batch", "checkpoint_every", "march_steps", "head_width", "detail_scales", "detail_points", "detail_spread"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
         if self.plane_resolution < 2:

@@ -71,6 +71,8 @@ class StudentSpec:
     detail_view: int = 0  # detail students: frequencies of the viewing direction's encoding that the fuse conv also reads at every pixel (0: none)
     detail_scales: int = 1  # detail students: sets of texture planes at detail_resolution, half of it, ... (K-planes' multi-scale planes)
     detail_product: bool = False  # detail students: the three planes' features multiplied (K-planes' Hadamard product) instead of concatenated
+    detail_points: int = 1  # detail students: points along each pixel's ray around the surface where the texture is read, features concatenated
+    detail_spread: float = 2.0  # their spacing, in cells of the finest planes
 
     def __post_init__(self) -> None:
         check_resolution(self.width_px, self.height_px, self.sr_factor)
@@ -96,6 +98,8 @@ class StudentSpec:
             raise ConfigError(f"detail_view {self.detail_view} needs the surface detail", hint="set detail > 0 too, or detail_view=0")
         if self.detail_scales < 1 or ((self.detail_scales > 1 or self.detail_product) and not self.detail):
             raise ConfigError(f"detail_scales {self.detail_scales} / detail_product {self.detail_product} need the surface detail", hint="set detail > 0 too; detail_scales is at least 1")
+        if self.detail_points < 1 or (self.detail_points > 1 and not self.detail) or self.detail_spread <= 0:
+            raise ConfigError(f"detail_points {self.detail_points} needs the surface detail and detail_spread ({self.detail_spread}) must be positive", hint="set detail > 0 too; detail_points is at least 1")
         if self.detail and self.detail_resolution >> (self.detail_scales - 1) < 2:
             raise ConfigError(f"{self.detail_scales} scales of {self.detail_resolution}-cell planes end below 2 cells", hint="use fewer detail_scales or a larger detail_resolution")
         if self.detail < 0 or (self.detail and self.detail_resolution < 2):
@@ -125,8 +129,8 @@ class StudentSpec:
 
     @property
     def detail_channels(self) -> int:
-        """Texture channels the surface detail's fuse reads per pixel: C per scale with the product, else 3 C."""
-        return self.detail * self.detail_scales * (1 if self.detail_product else 3)
+        """Texture channels the surface detail's fuse reads per pixel: C per scale and point with the product, else 3 C."""
+        return self.detail * self.detail_scales * self.detail_points * (1 if self.detail_product else 3)
 
     @property
     def plane_extent(self) -> float:
@@ -366,8 +370,10 @@ class SurfaceDetail(nn.Module):
         # (products of three small values would start near zero)
         low, high = (0.1, 0.5) if spec.detail_product else (-1e-2, 1e-2)
         self.planes = nn.Parameter(torch.empty(3 * spec.detail_resolution**2, spec.detail).uniform_(low, high))
-        # the coarser scales (none by default, so older students load unchanged)
-        self.coarse = nn.ParameterList([nn.Parameter(torch.empty(3 * r * r, spec.detail).uniform_(low, high)) for r in spec.detail_resolutions[1:]])
+        # the coarser scales, coarse1, coarse2, ... (none by default, so older students load unchanged; plain
+        # attributes, not a ParameterList, which torch 2.11's compiler cannot unpack)
+        for k, r in enumerate(spec.detail_resolutions[1:], 1):
+            self.register_parameter(f"coarse{k}", nn.Parameter(torch.empty(3 * r * r, spec.detail).uniform_(low, high)))
         if spec.detail_lines:  # ones: the student starts as with the planes alone
             self.lines = nn.Parameter(torch.ones(3 * spec.detail_resolution, spec.detail))
         self.depth = nn.Conv2d(channels, 1, 1)
@@ -402,26 +408,35 @@ class SurfaceDetail(nn.Module):
                 t = torch.where(hit, lo + (hi - lo) * s, distance_at(spec, s))  # the learned depth, inside the window of the first hit
             else:
                 t = (distance_at(spec, s) if surface is None else surface.float()).reshape(-1, 1, 1, p)  # [B, 1, 1, P]
-            points = contract((origin + d * t - self.center.float().view(1, 3, 1, 1)) / spec.radius, dim=1)  # [B, 3, 1, P]
-            feats = self.texture(points)  # [B, detail_channels, P]
+            # the texture at detail_points points along the ray, detail_spread cells apart, centred on the surface
+            step = spec.detail_spread * 2 * spec.radius * spec.plane_extent / spec.detail_resolution  # scene units
+            reads = []
+            for k in range(spec.detail_points):
+                at = t + (k - (spec.detail_points - 1) / 2) * step if spec.detail_points > 1 else t
+                reads.append(self.texture(contract((origin + d * at - self.center.float().view(1, 3, 1, 1)) / spec.radius, dim=1)))  # [B, detail_channels / points, P]
+            feats = torch.cat(reads, 1) if len(reads) > 1 else reads[0]
             if spec.detail_view:
                 feats = torch.cat([feats, self.view_encoding(d[:, :, 0]).to(feats.dtype)], 1)
         feats = feats.reshape(-1, spec.detail_channels + spec.view_channels, spec.height_px, spec.width_px)
         fused = self.fuse(torch.cat([features, feats.to(features.dtype)], 1))
         return fused, t.reshape(-1, 1, spec.height_px, spec.width_px)
 
+    def scales(self) -> list[nn.Parameter]:
+        """The texture planes of every scale, finest first."""
+        return [self.planes] + [getattr(self, f"coarse{k}") for k in range(1, self.spec.detail_scales)]
+
     def texture(self, points: Tensor) -> Tensor:
-        """The texture's features [B, detail_channels, P] at points [B, 3, 1, P] (encoded coordinates): per
+        """The texture's features [B, detail_channels / detail_points, P] at points [B, 3, 1, P] (encoded coordinates): per
         scale, the three planes' reads (times the lines'), concatenated or multiplied."""
         spec, p = self.spec, self.spec.width_px * self.spec.height_px  # constants: traced graphs keep no shape arithmetic
         lines = line_features(points, self.lines, spec.detail_resolution, spec.plane_extent, p).unsqueeze(2) if spec.detail_lines else None  # [B, 3, 1, C, P]
         out = []
-        for planes, r in zip([self.planes, *self.coarse], spec.detail_resolutions):
+        for planes, r in zip(self.scales(), spec.detail_resolutions):
             f = plane_features(points, planes, r, spec.plane_extent, 1, p)  # [B, 3, 1, C, P]
             if lines is not None:
                 f = f * lines
             out.append(f[:, 0] * f[:, 1] * f[:, 2] if spec.detail_product else f)
-        return torch.cat([f.reshape(-1, spec.detail * (1 if spec.detail_product else 3), p) for f in out], 1)
+        return torch.cat([f.reshape(-1, spec.detail * (1 if spec.detail_product else 3), p) for f in out], 1)  # [B, detail_channels / detail_points, P]
 
     def view_encoding(self, d: Tensor) -> Tensor:
         """Ray directions d [B, 3, P] (any length) -> [B, view_channels, P]: the unit direction u, then sin and

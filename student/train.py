@@ -46,7 +46,7 @@ def setup_device(name: str) -> torch.device:
 def is_table(name: str) -> bool:
     """Whether the student's parameter ``name`` is a feature table (planes, lines): trained at the plane rate,
     without weight decay, like a hash table."""
-    return name in ("planes", "detail.planes", "detail.lines") or name.startswith("detail.coarse.")
+    return name in ("planes", "detail.planes", "detail.lines") or name.startswith("detail.coarse")
 
 
 def build_spec(meta: dict[str, Any], config: Any) -> StudentSpec:
@@ -62,7 +62,7 @@ def build_spec(meta: dict[str, Any], config: Any) -> StudentSpec:
         radius=1.0 if unbounded else float(meta["bound"]), samples=config.samples, frequencies=config.frequencies,
         planes=config.planes, plane_resolution=config.plane_resolution, detail=config.detail, detail_resolution=config.detail_resolution, occupancy=config.occupancy, march_steps=config.march_steps,
         head_layers=config.head_layers, head_width=config.head_width, detail_view=config.detail_view, detail_lines=config.detail_lines,
-        detail_scales=config.detail_scales, detail_product=config.detail_product,
+        detail_scales=config.detail_scales, detail_product=config.detail_product, detail_points=config.detail_points, detail_spread=config.detail_spread,
         depth=config.depth, width=config.width, sr_factor=config.sr_factor, upsample=config.upsample, activation=config.activation, norm=config.norm,
     )
 

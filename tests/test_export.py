@@ -160,11 +160,12 @@ def test_surface_detail_exports_with_gathers_and_an_fp32_read_path(tmp_path: Pat
     assert -10 * np.log10(np.mean((low - got) ** 2)) > 40
 
 
-@pytest.mark.parametrize("texture", [{}, {"detail_scales": 2, "detail_product": True}], ids=["planes", "scales+product"])
+@pytest.mark.parametrize("texture", [{}, {"detail_scales": 2, "detail_product": True, "detail_points": 2}], ids=["planes", "scales+product+points"])
 def test_occupancy_student_exports_with_its_march(tmp_path: Path, texture: dict) -> None:
     """The occupancy grid and the march (Gather, ReduceMin) go into the one graph: fp32 matches torch, and the
     fp16 variant, which keeps the march in fp32, stays within 40 dB of it (with a per-pixel head MLP, the
-    viewing direction in the fuse and feature lines; and with two scales of planes, multiplied)."""
+    viewing direction in the fuse and feature lines; and with two scales of planes, multiplied, read at two
+    points along each ray)."""
     from mg3d.export import onnxmodel as ox
     from mg3d.student.model import NeLF, StudentSpec, fold_batchnorm
     from mg3d.student.synthetic import sphere_occupancy
@@ -173,7 +174,7 @@ def test_occupancy_student_exports_with_its_march(tmp_path: Path, texture: dict)
     spec = StudentSpec(width_px=64, height_px=48, fx=70, fy=70, cx=32, cy=24, near=2, far=6, radius=1.5, depth=2, width=16, sr_factor=8, detail=4,
                        detail_resolution=512, occupancy=32, march_steps=64, head_layers=1, head_width=24, detail_view=2, detail_lines=True, **texture)
     model = NeLF(spec).eval()
-    for planes in (model.detail.planes, *model.detail.coarse):
+    for planes in model.detail.scales():
         torch.nn.init.normal_(planes, mean=0.5 if spec.detail_product else 0.0, std=0.5)
     torch.nn.init.normal_(model.detail.depth.weight, std=0.5)
     torch.nn.init.normal_(model.detail.lines, mean=1.0, std=0.5)

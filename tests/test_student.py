@@ -237,13 +237,13 @@ def test_detail_scales_and_product_read_multi_scale_planes_and_multiply_them() -
         spec = StudentSpec(**base, detail_scales=3, detail_product=product, detail_lines=True)
         model = NeLF(spec)
         assert spec.detail_resolutions == [16, 8, 4] and spec.detail_channels == 3 * per_scale
-        assert [tuple(p.shape) for p in (model.detail.planes, *model.detail.coarse)] == [(3 * 256, 2), (3 * 64, 2), (3 * 16, 2)]
+        assert [tuple(p.shape) for p in model.detail.scales()] == [(3 * 256, 2), (3 * 64, 2), (3 * 16, 2)]
         assert model.detail.fuse.in_channels == 16 + 3 * per_scale  # 16 channels after the x4 upsampling
-        for table in (model.detail.planes, *model.detail.coarse, model.detail.lines):
+        for table in (*model.detail.scales(), model.detail.lines):
             torch.nn.init.normal_(table, mean=1.0, std=0.5)
         x = torch.rand(2, 3, 1, 32 * 32) * 2 - 1
         want = []
-        for planes, r in zip((model.detail.planes, *model.detail.coarse), (16, 8, 4)):
+        for planes, r in zip(model.detail.scales(), (16, 8, 4)):
             f = sampled_plane_features(x, planes, r, 1.0, 1, 32 * 32)[:, :, 0]  # [B, 3, C, P]
             f = f * sampled_line_features(x, model.detail.lines, 16, 1.0, 32 * 32)  # the lines at the finest resolution, for every scale
             want.append(f[:, 0] * f[:, 1] * f[:, 2] if product else f.reshape(2, 6, -1))
@@ -251,16 +251,48 @@ def test_detail_scales_and_product_read_multi_scale_planes_and_multiply_them() -
         c2w = torch.eye(4)[None]
         c2w[0, 2, 3] = 2.5
         model(c2w).mean().backward()
-        assert all(p.grad.abs().sum() > 0 for p in (model.detail.planes, *model.detail.coarse))
-    assert [name for name, _ in model.named_parameters() if is_table(name)] == ["detail.planes", "detail.lines", "detail.coarse.0", "detail.coarse.1"]
+        assert all(p.grad.abs().sum() > 0 for p in model.detail.scales())
+    assert [name for name, _ in model.named_parameters() if is_table(name)] == ["detail.planes", "detail.coarse1", "detail.coarse2", "detail.lines"]
     plain = NeLF(StudentSpec(**base))  # the defaults: one scale, concatenated, no new weights (older students load)
-    assert not list(plain.detail.coarse) and plain.detail.fuse.in_channels == 16 + 6
+    assert plain.detail.scales() == [plain.detail.planes] and plain.detail.fuse.in_channels == 16 + 6
     with pytest.raises(ConfigError, match="detail_scales"):
         StudentSpec(**{**base, "detail": 0}, detail_scales=2)
     with pytest.raises(ConfigError, match="detail_product"):
         StudentSpec(**{**base, "detail": 0}, detail_product=True)
     with pytest.raises(ConfigError, match="below 2 cells"):
         StudentSpec(**base, detail_scales=5)
+
+
+def test_detail_points_read_the_texture_along_the_ray_around_the_surface() -> None:
+    """--detail-points K --detail-spread S: the texture is read at K points along each pixel's ray, S cells of
+    the finest planes apart and centred on the surface, and the fuse reads their features side by side."""
+    import torch
+
+    from mg3d.errors import ConfigError
+    from mg3d.student.model import NeLF, StudentSpec, contract
+
+    torch.manual_seed(0)
+    base = dict(width_px=32, height_px=32, fx=40, fy=40, cx=16, cy=16, near=1, far=4, depth=2, width=32, sr_factor=4, detail=2, detail_resolution=16)
+    spec = StudentSpec(**base, detail_points=3, detail_spread=2.0, detail_scales=2, detail_product=True)
+    model = NeLF(spec)
+    assert spec.detail_channels == 2 * 2 * 3 and model.detail.fuse.in_channels == 16 + 12
+    for planes in model.detail.scales():
+        torch.nn.init.normal_(planes, mean=1.0, std=0.5)
+    c2w = torch.eye(4)[None]
+    c2w[0, 2, 3] = 2.5
+    features, surface = torch.randn(1, 16, 32, 32), torch.full((1, 1, 32, 32), 2.4)
+    with torch.no_grad():
+        fused, _ = model.detail(c2w, features, surface=surface)
+        origin, d = model.detail.rays(c2w)
+        step = 2.0 * 2 / 16  # two cells of the 16-cell planes over [-1, 1], radius 1
+        reads = [model.detail.texture(contract(origin + d * (2.4 + k * step), dim=1)) for k in (-1, 0, 1)]
+        want = model.detail.fuse(torch.cat([features, torch.cat(reads, 1).reshape(1, 12, 32, 32)], 1))
+    assert torch.allclose(fused, want, atol=1e-5)
+    assert not torch.allclose(reads[0], reads[2])  # the points differ: a shell, not one point thrice
+    with pytest.raises(ConfigError, match="detail_points"):
+        StudentSpec(**{**base, "detail": 0}, detail_points=2)
+    with pytest.raises(ConfigError, match="detail_spread"):
+        StudentSpec(**base, detail_points=2, detail_spread=0.0)
 
 
 def test_mobile_r2l_size() -> None:
@@ -472,7 +504,8 @@ def test_occupancy_is_baked_from_the_teacher(ws: Path, cli) -> None:
 
 
 @pytest.mark.parametrize(("option", "needle"), [(("--occupancy", "32"), "occupancy"), (("--detail-view", "2"), "detail_view"), (("--detail-lines",), "detail_lines"),
-                                                  (("--detail-scales", "2"), "detail_scales"), (("--detail-product",), "detail_product")])
+                                                  (("--detail-scales", "2"), "detail_scales"), (("--detail-product",), "detail_product"),
+                                                  (("--detail-points", "2"), "detail_points")])
 def test_detail_options_without_detail_are_refused(ws: Path, cli, option: tuple[str, ...], needle: str) -> None:
     result = cli("student", ws, *SHORT, *option)
     assert result.exit_code != 0
