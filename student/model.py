@@ -359,6 +359,10 @@ class SurfaceDetail(nn.Module):
     near and the far surface. With ``spec.occupancy`` each pixel's ray is marched through an occupancy grid
     baked from the teacher (:meth:`march`) and the learned depth only places the surface inside the first
     occupied cell: the edge is as sharp as the pixel grid.
+
+    The texture itself (:meth:`texture`): one set of planes, concatenated, by default; ``detail_lines``,
+    ``detail_scales`` and ``detail_product`` give TensoRF's and K-planes' forms, and ``detail_points`` reads it
+    at several points along the ray around the surface (a shell, as a volume render blends one).
     """
 
     def __init__(self, spec: StudentSpec, channels: int) -> None:
