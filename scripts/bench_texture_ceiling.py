@@ -131,8 +131,8 @@ class Texture(nn.Module):
 
     def forward(self, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         """x [N, 3] in [-1, 1]^3, unit viewing directions d [N, 3] -> rgb [N, 3]."""
-        offsets = (torch.arange(self.points, dtype=x.dtype, device=x.device) - (self.points - 1) / 2) * self.spread
-        reads = [self.features((x + d * o).clamp(-1, 1)) for o in offsets.tolist()]
+        offsets = [(k - (self.points - 1) / 2) * self.spread for k in range(self.points)]  # [-1, 1] units along the ray
+        reads = [self.features((x + d * o).clamp(-1, 1)) for o in offsets]
         return self.decode(torch.cat(reads, 1), d)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:

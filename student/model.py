@@ -414,10 +414,9 @@ class SurfaceDetail(nn.Module):
                 t = (distance_at(spec, s) if surface is None else surface.float()).reshape(-1, 1, 1, p)  # [B, 1, 1, P]
             # the texture at detail_points points along the ray, detail_spread cells apart, centred on the surface
             step = spec.detail_spread * 2 * spec.radius * spec.plane_extent / spec.detail_resolution  # scene units
-            reads = []
-            for k in range(spec.detail_points):
-                at = t + (k - (spec.detail_points - 1) / 2) * step if spec.detail_points > 1 else t
-                reads.append(self.texture(contract((origin + d * at - self.center.float().view(1, 3, 1, 1)) / spec.radius, dim=1)))  # [B, detail_channels / points, P]
+            offsets = [(k - (spec.detail_points - 1) / 2) * step for k in range(spec.detail_points)]
+            centre = self.center.float().view(1, 3, 1, 1)
+            reads = [self.texture(contract((origin + d * (t + o if o else t) - centre) / spec.radius, dim=1)) for o in offsets]  # [B, detail_channels / points, P] each
             feats = torch.cat(reads, 1) if len(reads) > 1 else reads[0]
             if spec.detail_view:
                 feats = torch.cat([feats, self.view_encoding(d[:, :, 0]).to(feats.dtype)], 1)
