@@ -19,6 +19,7 @@ import json
 import platform
 import shutil
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -126,13 +127,14 @@ def _kernel_table(model, pose, rows: int = 15) -> list[list]:
     return [[e.key[:90], e.count, round(e.device_time_total, 1)] for e in events[:rows]]
 
 
-def speed(ws: Path, student_dir: Path, repeats: int, threads: int, onnx_models: tuple[Path, ...] = (), variants: tuple[str, ...] = (), kernels: bool = False, rounds: int = 5, autotune: bool = False) -> dict:
+def speed(ws: Path, student_dir: Path, repeats: int, threads: int, onnx_models: tuple[Path, ...] = (), variants: tuple[str, ...] = (), kernels: bool = False, rounds: int = 5, autotune: bool = False, onnx_variants: tuple[str, ...] = ()) -> dict:
     """Student vs teacher frame time at the student's resolution on one held-out camera (and the student's
     exported ONNX files ``onnx_models`` on onnxruntime). Every form of the student is timed once; then its
     fastest form and the teacher are timed in turn ``rounds`` times, and ``speedup`` is the median of the
     rounds' ratios (``student_ms``, ``teacher_ms``: the medians of their times). ``variants``
     ("key=value,key=value"): students of this spec changed so, random weights (a frame costs the same
-    whatever the weights), timed alongside."""
+    whatever the weights), timed alongside. ``onnx_variants``: the same, exported to fp32 ONNX (BatchNorm
+    folded, the trained occupancy grid copied in) and timed on onnxruntime; "" is the trained student itself."""
     import dataclasses
 
     import torch
@@ -160,14 +162,21 @@ def speed(ws: Path, student_dir: Path, repeats: int, threads: int, onnx_models: 
     fns: dict = {}
     with torch.no_grad():
         result.update(_student_times(student, pose, repeats, cuda, fns=fns, autotune=autotune))
-        for path in onnx_models:  # exported variants on onnxruntime's CPU provider, same camera
+        tmp, others = Path(tempfile.mkdtemp()), set()
+        exported = dict(zip(_export_variants(student, onnx_variants, tmp), onnx_variants))  # path: its change of spec
+        for path in [*onnx_models, *exported]:  # exported variants on onnxruntime's CPU provider, same camera
             from mg3d.export.onnxmodel import session
 
             sess, feed = session(path, threads), {"c2w": pose.cpu().numpy()}
             key = f"student_ort_{path.stem.replace('.', '_')}_ms"
+            if path in exported:
+                result[f"{path.stem}_spec"] = exported[path] or "trained"
             fns[key] = lambda sess=sess, feed=feed: sess.run(None, feed)
             result[key] = 1000 * _timed(fns[key], repeats, False)
-        fastest = min(fns, key=lambda k: result[k])
+            if exported.get(path):
+                others.add(key)  # a changed spec, not this student: timed, but not in the rounds
+        shutil.rmtree(tmp, ignore_errors=True)  # the sessions hold their models
+        fastest = min((k for k in fns if k not in others), key=lambda k: result[k])
         student_ms, teacher_ms = _rounds(fns[fastest], lambda: teacher.render(pose, *intr, w, h), rounds, repeats, cuda)
         result.update({"fastest": fastest, "student_ms_rounds": student_ms, "teacher_ms_rounds": teacher_ms})
         result["student_ms"], result["teacher_ms"] = statistics.median(student_ms), statistics.median(teacher_ms)
@@ -186,6 +195,29 @@ def speed(ws: Path, student_dir: Path, repeats: int, threads: int, onnx_models: 
             result[f"variant{k}_speedup"] = round(result["teacher_ms"] / min(times), 1)
     rounded = lambda v: round(v, 3) if isinstance(v, float) else [rounded(x) for x in v] if isinstance(v, list) else v  # noqa: E731
     return {k: rounded(v) for k, v in result.items()}
+
+
+def _export_variants(student, variants: tuple[str, ...], folder: Path) -> list[Path]:
+    """fp32 ONNX files (folder/ort_variant<k>.onnx) of the student's spec changed by each "key=value,..." in
+    ``variants``, random weights with the trained occupancy grid ("": the trained student itself)."""
+    import dataclasses
+
+    import onnx
+
+    from mg3d.export.onnxmodel import export_fp32
+    from mg3d.student.model import NeLF, fold_batchnorm
+
+    paths = []
+    for k, variant in enumerate(variants):
+        model = copy.deepcopy(student).cpu()
+        if variant:
+            model = NeLF(dataclasses.replace(student.spec, **_pairs(variant.split(","))))
+            if model.spec.occupancy and model.spec.occupancy == student.spec.occupancy:
+                model.detail.set_occupancy(student.detail.occupied.cpu())
+        path = folder / f"ort_variant{k}.onnx"
+        onnx.save(export_fp32(fold_batchnorm(model.eval())), str(path))
+        paths.append(path)
+    return paths
 
 
 def _pairs(items: list[str]) -> dict:
@@ -210,6 +242,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for the speed phase (0: torch's default)")
     parser.add_argument("--onnx", type=Path, action="append", default=[], help="speed phase: also time this exported model on onnxruntime")
     parser.add_argument("--variant", action="append", default=[], help="speed phase: also time a random-weight student of this spec changed so (KEY=VALUE,KEY=VALUE)")
+    parser.add_argument("--onnx-variant", action="append", default=[], help="speed phase: also export such a student to fp32 ONNX (the trained grid copied in; an empty value: the trained student) and time it on onnxruntime")
     parser.add_argument("--max-autotune", action="store_true", help="speed phase on CUDA: also time each student compiled with inductor's max-autotune (minutes of tuning each)")
     parser.add_argument("--kernels", action="store_true", help="speed phase on CUDA: list the student's costliest kernels")
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
@@ -259,7 +292,7 @@ def main() -> None:
         for png in sorted((keep / "renders").glob("*.png"))[:2]:
             shutil.copy(png, opts.out / f"student_{opts.tag}_{png.name}")
     if "speed" in phases:
-        write(f"speed_{opts.tag}", speed(opts.ws, opts.ws / f"student_{opts.tag}", opts.repeats, opts.threads, tuple(opts.onnx), tuple(opts.variant), opts.kernels, opts.rounds, opts.max_autotune))
+        write(f"speed_{opts.tag}", speed(opts.ws, opts.ws / f"student_{opts.tag}", opts.repeats, opts.threads, tuple(opts.onnx), tuple(opts.variant), opts.kernels, opts.rounds, opts.max_autotune, tuple(opts.onnx_variant)))
 
 
 if __name__ == "__main__":

@@ -44,8 +44,9 @@ for t in ${timed:-}; do
   # shellcheck disable=SC2086
   python3 scripts/bench_student.py "${ws}_$t" --phases speed --tag "$t" --repeats 20 --out "$out" ${BENCH_ARGS:-} 2>&1 | grep --line-buffered -v "━" | tee -a "$out/log_$t.txt"
 done
-# the last variant's student and the teacher, in fp16, cut into parts under the 16 MiB a returned file may
-# have (join with cat): CPU export and speed checks on the developer's machine
+# the last variant's student and the teacher, in fp16, gzipped (their occupancy grids are mostly zeros; with the
+# results tarball the raw files came to 67.2 MB, over the 64 MiB that may come back) and cut into parts under the 16 MiB a returned
+# file may have (join with `cat NAME.part* | gunzip`): CPU export and speed checks on the developer's machine
 python3 - "${vws:-$ws}" "${OUT:-/tmp/out}" "${tag:-}" <<'PY'
 import sys
 from pathlib import Path
@@ -55,9 +56,10 @@ for folder, name in ((ws / f"student_{tag}", "student"), (ws / "teacher", "teach
     if (folder / f"{name}.safetensors").is_file():
         tensors = {k: (v.half() if v.is_floating_point() else v) for k, v in load_file(folder / f"{name}.safetensors").items()}
         save_file(tensors, out / f"{name}.fp16.safetensors")
-        (out / f"{name}.json").write_text((folder / f"{name}.json").read_text())
+        (out / "r" / f"{name}.json").write_text((folder / f"{name}.json").read_text())  # in results.tgz: few files come back
 PY
 for f in "${OUT:-/tmp/out}"/*.fp16.safetensors; do
+  [ -f "$f" ] && gzip -1 "$f" && f=$f.gz
   [ -f "$f" ] && [ "$(stat -c %s "$f")" -gt 15000000 ] && split -b 15000000 -d "$f" "$f.part" && rm "$f"
 done
 ls -la "${OUT:-/tmp/out}"
