@@ -198,8 +198,9 @@ def speed(ws: Path, student_dir: Path, repeats: int, threads: int, onnx_models: 
 
 
 def _export_variants(student, variants: tuple[str, ...], folder: Path) -> list[Path]:
-    """fp32 ONNX files (folder/ort_variant<k>.onnx) of the student's spec changed by each "key=value,..." in
-    ``variants``, random weights with the trained occupancy grid ("": the trained student itself)."""
+    """fp32 ONNX files (folder/onnx<k>.onnx, timed as student_ort_onnx<k>_ms) of the student's spec changed by
+    each "key=value,..." in ``variants``, random weights with the trained occupancy grid ("": the trained
+    student itself)."""
     import dataclasses
 
     import onnx
@@ -214,7 +215,7 @@ def _export_variants(student, variants: tuple[str, ...], folder: Path) -> list[P
             model = NeLF(dataclasses.replace(student.spec, **_pairs(variant.split(","))))
             if model.spec.occupancy and model.spec.occupancy == student.spec.occupancy:
                 model.detail.set_occupancy(student.detail.occupied.cpu())
-        path = folder / f"ort_variant{k}.onnx"
+        path = folder / f"onnx{k}.onnx"
         onnx.save(export_fp32(fold_batchnorm(model.eval())), str(path))
         paths.append(path)
     return paths
