@@ -44,9 +44,10 @@ for t in ${timed:-}; do
   # shellcheck disable=SC2086
   python3 scripts/bench_student.py "${ws}_$t" --phases speed --tag "$t" --repeats 20 --out "$out" ${BENCH_ARGS:-} 2>&1 | grep --line-buffered -v "━" | tee -a "$out/log_$t.txt"
 done
-# the last variant's student and the teacher, in fp16, gzipped (their occupancy grids are mostly zeros; with the
-# results tarball the raw files came to 67.2 MB, over the 64 MiB that may come back) and cut into parts under the 16 MiB a returned
-# file may have (join with `cat NAME.part* | gunzip`): CPU export and speed checks on the developer's machine
+# the last variant's student and the teacher, in fp16, gzipped (their occupancy grids are mostly zeros; with
+# the results tarball the raw files came to 67.2 MB, over the 64 MiB that may come back) and cut into parts
+# under the 16 MiB a returned file may have (join with `cat NAME.part* | gunzip`): CPU export and speed checks
+# on the developer's machine
 python3 - "${vws:-$ws}" "${OUT:-/tmp/out}" "${tag:-}" <<'PY'
 import sys
 from pathlib import Path
