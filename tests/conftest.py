@@ -26,7 +26,16 @@ def cli():
     from mg3d.cli import main
 
     def run(*args: str | Path) -> Result:
-        return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+        from mg3d.ui import console
+
+        # rich wraps at 80 columns off a terminal, and a message that holds a temporary path broke wherever that
+        # path's length put the edge ("is up\nto date" failed a CI run): no wrapping here
+        width = console._width
+        console.width = 1000
+        try:
+            return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+        finally:
+            console._width = width
 
     return run
 
