@@ -171,10 +171,10 @@ def speed(ws: Path, student_dir: Path, repeats: int, threads: int, onnx_models: 
             key = f"student_ort_{path.stem.replace('.', '_')}_ms"
             if path in exported:
                 result[f"{path.stem}_spec"] = exported[path] or "trained"
+                if exported[path]:
+                    others.add(key)  # a changed spec, not this student: timed, but not in the rounds
             fns[key] = lambda sess=sess, feed=feed: sess.run(None, feed)
             result[key] = 1000 * _timed(fns[key], repeats, False)
-            if exported.get(path):
-                others.add(key)  # a changed spec, not this student: timed, but not in the rounds
         shutil.rmtree(tmp, ignore_errors=True)  # the sessions hold their models
         fastest = min((k for k in fns if k not in others), key=lambda k: result[k])
         student_ms, teacher_ms = _rounds(fns[fastest], lambda: teacher.render(pose, *intr, w, h), rounds, repeats, cuda)
@@ -210,8 +210,9 @@ def _export_variants(student, variants: tuple[str, ...], folder: Path) -> list[P
 
     paths = []
     for k, variant in enumerate(variants):
-        model = copy.deepcopy(student).cpu()
-        if variant:
+        if not variant:  # a copy: the student itself may sit on the GPU for the other timings
+            model = copy.deepcopy(student).cpu()
+        else:
             model = NeLF(dataclasses.replace(student.spec, **_pairs(variant.split(","))))
             if model.spec.occupancy and model.spec.occupancy == student.spec.occupancy:
                 model.detail.set_occupancy(student.detail.occupied.cpu())
