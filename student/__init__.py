@@ -41,6 +41,7 @@ class StudentConfig:
     depth_weight: float = 0.1  # weight of the L1 loss between the detail branch's depth and the teacher's (fraction of the sample range)
     occupancy: int = 0  # detail students: cells per side of an occupancy grid baked from the teacher, through which each pixel's ray is marched for its first hit (0: none)
     march_steps: int = 128  # steps of that march over the sample range
+    march_box: bool = False  # occupancy students: those steps spread over each ray's chord through the occupied cells' bounding box instead
     head_layers: int = 0  # hidden 1x1 layers of the per-pixel head before the rgb conv (0: none, as MobileR2L)
     head_width: int = 64  # channels of those layers
     detail_lines: bool = False  # detail students: each texture plane's features times a learned line's along the axis it lacks (TensoRF's vector-matrix form)
@@ -49,6 +50,7 @@ class StudentConfig:
     detail_product: bool = False  # detail students: the three planes' features multiplied (K-planes' Hadamard product) instead of concatenated
     detail_points: int = 1  # detail students: points along each pixel's ray around the surface where the texture is read (features concatenated)
     detail_spread: float = 2.0  # their spacing, in cells of the finest texture planes
+    detail_coarse_once: bool = False  # detail students with several points and scales: the coarser scales read once, at the surface
     sr_factor: int = 8  # super-resolution factor
     upsample: str = "shuffle"  # shuffle (depth-to-space; NNAPI-friendly) or transpose (MobileR2L)
     activation: str = "gelu_tanh"  # gelu_tanh (Tanh: NNAPI and Core ML run it) or gelu (exact; Erf, which NNAPI lacks)

@@ -65,6 +65,7 @@ class StudentSpec:
     detail_resolution: int = 512  # cells per side of each detail plane
     occupancy: int = 0  # detail students: cells per side of an occupancy grid (baked from the teacher) each pixel's ray is marched through for its first hit (0: none)
     march_steps: int = 128  # fixed steps of that march over the sample range
+    march_box: bool = False  # the march's steps spread over each ray's chord through the occupied cells' bounding box, not the whole sample range
     head_layers: int = 0  # hidden 1x1 layers of the per-pixel head before the rgb conv (0: the rgb conv reads the last stage, as MobileR2L)
     head_width: int = 64  # channels of those layers
     detail_lines: bool = False  # detail students: each plane's features times those of a line along the axis it lacks (TensoRF's vector-matrix form)
@@ -73,6 +74,7 @@ class StudentSpec:
     detail_product: bool = False  # detail students: the three planes' features multiplied (K-planes' Hadamard product) instead of concatenated
     detail_points: int = 1  # detail students: points along each pixel's ray around the surface where the texture is read, features concatenated
     detail_spread: float = 2.0  # their spacing, in cells of the finest planes
+    detail_coarse_once: bool = False  # detail students with several points and scales: the coarser scales read once, at the surface, not at every point
 
     def __post_init__(self) -> None:
         check_resolution(self.width_px, self.height_px, self.sr_factor)
@@ -98,6 +100,11 @@ class StudentSpec:
             raise ConfigError(f"detail_view {self.detail_view} needs the surface detail", hint="set detail > 0 too, or detail_view=0")
         if self.detail_scales < 1 or ((self.detail_scales > 1 or self.detail_product) and not self.detail):
             raise ConfigError(f"detail_scales {self.detail_scales} / detail_product {self.detail_product} need the surface detail", hint="set detail > 0 too; detail_scales is at least 1")
+        if self.march_box and not self.occupancy:
+            raise ConfigError("march_box bounds the occupancy march", hint="set occupancy > 0 too, or march_box=false")
+        if self.detail_coarse_once and not (self.detail_points > 1 and self.detail_scales > 1):
+            raise ConfigError(f"detail_coarse_once reads the coarser scales once instead of at each of several points ({self.detail_points} points, {self.detail_scales} scales here)",
+                              hint="set detail_points > 1 and detail_scales > 1 too, or detail_coarse_once=false")
         if self.detail_points < 1 or (self.detail_points > 1 and not self.detail) or self.detail_spread <= 0:
             raise ConfigError(f"detail_points {self.detail_points} needs the surface detail and detail_spread ({self.detail_spread}) must be positive", hint="set detail > 0 too; detail_points is at least 1")
         if self.detail and self.detail_resolution >> (self.detail_scales - 1) < 2:
@@ -129,8 +136,10 @@ class StudentSpec:
 
     @property
     def detail_channels(self) -> int:
-        """Texture channels the surface detail's fuse reads per pixel: C per scale and point with the product, else 3 C."""
-        return self.detail * self.detail_scales * self.detail_points * (1 if self.detail_product else 3)
+        """Texture channels the surface detail's fuse reads per pixel: C per scale and point with the product, else 3 C
+        (with ``detail_coarse_once`` the coarser scales count once, not per point)."""
+        reads = self.detail_points + self.detail_scales - 1 if self.detail_coarse_once else self.detail_scales * self.detail_points
+        return self.detail * reads * (1 if self.detail_product else 3)
 
     @property
     def plane_extent(self) -> float:
@@ -394,6 +403,9 @@ class SurfaceDetail(nn.Module):
             self.register_buffer("bordered", torch.zeros((r + 2) ** 3, dtype=torch.uint8), persistent=False)
             self.register_buffer("march_t", distance_at(spec, (torch.arange(n, dtype=torch.float64) + 0.5) / n).float(), persistent=False)
             self.register_buffer("march_step", torch.arange(n, dtype=torch.int32).view(1, n, 1), persistent=False)
+            if spec.march_box:  # the occupied cells' bounding box [lo, hi] in scene units (set_occupancy) and the steps' places in it
+                self.register_buffer("box", torch.zeros(2, 3), persistent=False)
+                self.register_buffer("march_k", torch.arange(n, dtype=torch.float32) + 0.5, persistent=False)
             self.register_load_state_dict_post_hook(lambda module, _keys: module.set_occupancy(module.occupied))
 
     def forward(self, c2w: Tensor, features: Tensor, intrinsics: Tensor | None = None, surface: Tensor | None = None, first: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -407,7 +419,7 @@ class SurfaceDetail(nn.Module):
         with torch.autocast(c2w.device.type, enabled=False):  # positions and plane indices need fp32
             origin, d = self.rays(c2w, intrinsics)
             if spec.occupancy and surface is None:
-                hit, lo, hi = self.window(self.march(origin, d) if first is None else first.reshape(-1, 1, 1, p))  # [B, 1, 1, P] each
+                hit, lo, hi = self.window(self.march(origin, d) if first is None else first.reshape(-1, 1, 1, p), origin, d)  # [B, 1, 1, P] each
                 s = s.reshape(-1, 1, 1, p)
                 t = torch.where(hit, lo + (hi - lo) * s, distance_at(spec, s))  # the learned depth, inside the window of the first hit
             else:
@@ -416,7 +428,10 @@ class SurfaceDetail(nn.Module):
             step = spec.detail_spread * 2 * spec.radius * spec.plane_extent / spec.detail_resolution  # scene units
             offsets = [(k - (spec.detail_points - 1) / 2) * step for k in range(spec.detail_points)]
             centre = self.center.float().view(1, 3, 1, 1)
-            reads = [self.texture(contract((origin + d * (t + o if o else t) - centre) / spec.radius, dim=1)) for o in offsets]  # [B, detail_channels / points, P] each
+            finest = slice(0, 1) if spec.detail_coarse_once else slice(None)  # the scales read at every point
+            reads = [self.texture(contract((origin + d * (t + o if o else t) - centre) / spec.radius, dim=1), finest) for o in offsets]
+            if spec.detail_coarse_once:  # the coarser scales once, at the surface: the points lie within a cell or two of them
+                reads.append(self.texture(contract((origin + d * t - centre) / spec.radius, dim=1), slice(1, None)))
             feats = torch.cat(reads, 1) if len(reads) > 1 else reads[0]
             if spec.detail_view:
                 feats = torch.cat([feats, self.view_encoding(d[:, :, 0]).to(feats.dtype)], 1)
@@ -428,18 +443,19 @@ class SurfaceDetail(nn.Module):
         """The texture planes of every scale, finest first."""
         return [self.planes] + [getattr(self, f"coarse{k}") for k in range(1, self.spec.detail_scales)]
 
-    def texture(self, points: Tensor) -> Tensor:
-        """The texture's features [B, detail_channels / detail_points, P] at points [B, 3, 1, P] (encoded coordinates): per
-        scale, the three planes' reads (times the lines'), concatenated or multiplied."""
+    def texture(self, points: Tensor, scales: slice = slice(None)) -> Tensor:
+        """The texture's features [B, C or 3 C per scale, P] at points [B, 3, 1, P] (encoded coordinates): per scale
+        (all, or those ``scales`` picks, finest first), the three planes' reads (times the lines'), concatenated
+        or multiplied."""
         spec, p = self.spec, self.spec.width_px * self.spec.height_px  # constants: traced graphs keep no shape arithmetic
         lines = line_features(points, self.lines, spec.detail_resolution, spec.plane_extent, p).unsqueeze(2) if spec.detail_lines else None  # [B, 3, 1, C, P]
         out = []
-        for planes, r in zip(self.scales(), spec.detail_resolutions):
+        for planes, r in zip(self.scales()[scales], spec.detail_resolutions[scales]):
             f = plane_features(points, planes, r, spec.plane_extent, 1, p)  # [B, 3, 1, C, P]
             if lines is not None:
                 f = f * lines
             out.append(f[:, 0] * f[:, 1] * f[:, 2] if spec.detail_product else f)
-        return torch.cat([f.reshape(-1, spec.detail * (1 if spec.detail_product else 3), p) for f in out], 1)  # [B, detail_channels / detail_points, P]
+        return torch.cat([f.reshape(-1, spec.detail * (1 if spec.detail_product else 3), p) for f in out], 1)
 
     def view_encoding(self, d: Tensor) -> Tensor:
         """Ray directions d [B, 3, P] (any length) -> [B, view_channels, P]: the unit direction u, then sin and
@@ -462,7 +478,9 @@ class SurfaceDetail(nn.Module):
 
     def march_cameras(self, c2w: Tensor, intrinsics: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """The windows of :meth:`window` for every pixel of cameras c2w [B, 4, 4]: hit, lo, hi [B, 1, H, W]."""
-        return self.window(self.first_hits(c2w, intrinsics))
+        origin, d = self.rays(c2w, intrinsics)
+        shape = (-1, 1, self.spec.height_px, self.spec.width_px)
+        return tuple(x.reshape(shape) for x in self.window(self.march(origin, d), origin, d))  # type: ignore[return-value]
 
     @torch.no_grad()
     def set_occupancy(self, occupied: Tensor) -> None:
@@ -471,6 +489,13 @@ class SurfaceDetail(nn.Module):
         self.occupied.copy_(occupied.reshape(-1))
         self.bordered.zero_()
         self.bordered.view(r + 2, r + 2, r + 2)[1:-1, 1:-1, 1:-1] = self.occupied.view(r, r, r)
+        if self.spec.march_box:
+            cells = self.occupied.view(r, r, r).nonzero()  # [N, 3]: x, y, z cell indices
+            size, corner = 2 * self.spec.radius / r, self.center.float() - self.spec.radius
+            if len(cells):  # half a cell of margin: the bounds survive rounding (an fp16 export stores them in fp16)
+                self.box.copy_(torch.stack([corner + (cells.amin(0) - 0.5) * size, corner + (cells.amax(0) + 1.5) * size]))
+            else:  # no occupied cell: a point outside the grid, which every ray misses
+                self.box.copy_((self.center.float() + 2 * self.spec.radius).expand(2, 3))
 
     @torch.no_grad()
     def march(self, origin: Tensor, d: Tensor) -> Tensor:
@@ -484,16 +509,39 @@ class SurfaceDetail(nn.Module):
         spec, r, n = self.spec, self.spec.occupancy, self.spec.march_steps
         cells = 0.5 * r / spec.radius  # grid cells per unit of length
         o = (origin - self.center.float().view(1, 3, 1, 1)) * cells + (0.5 * r + 1)  # [B, 3, 1, 1]: cell coordinates, border included
-        g = (o + (d * cells) * self.march_t.view(1, 1, n, 1)).floor().clamp(0, r + 1).int()  # [B, 3, n, P]
+        if spec.march_box:  # steps evenly over each ray's chord through the box: the same one multiply-add per coordinate
+            t0, dt = self.box_range(origin, d)
+            g = ((o + d * (cells * t0)) + d * (cells * dt) * self.march_k.view(1, 1, n, 1)).floor().clamp(0, r + 1).int()
+        else:
+            g = (o + (d * cells) * self.march_t.view(1, 1, n, 1)).floor().clamp(0, r + 1).int()  # [B, 3, n, P]
         occ = self.bordered[(g[:, 0] * (r + 2) + g[:, 1]) * (r + 2) + g[:, 2]] > 0  # [B, n, P] (int32: 258^3 is past fp32's integers)
-        return torch.where(occ, self.march_step, n).amin(1, keepdim=True).unsqueeze(1).long()
+        first = torch.where(occ, self.march_step, n).amin(1, keepdim=True).unsqueeze(1)
+        return (torch.where(dt > 0, first, n) if spec.march_box else first).long()  # a ray that misses the box misses
 
-    def window(self, first: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """First occupied steps (any shape) -> (hit, lo, hi) of that shape: from the step before (the surface
-        entered the cell in between) to one cell diagonal past it (it may lie that far inside)."""
+    def box_range(self, origin: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
+        """``march_box``: where each ray (origin [B, 3, 1, 1], directions [B, 3, 1, P]) enters the occupied cells'
+        box within the sample range, and the spacing of the march's steps from there to where it leaves (0
+        when it misses the box): t0, dt [B, 1, 1, P]. Slabs: Div, Min, Max, ReduceMax, ReduceMin."""
+        n = self.spec.march_steps
+        safe = torch.where(d.abs() < 1e-12, torch.full_like(d, 1e-12), d)  # parallel to a slab: entered at -huge, left at +huge
+        ta, tb = (self.box[0].view(1, 3, 1, 1) - origin) / safe, (self.box[1].view(1, 3, 1, 1) - origin) / safe
+        t_in = torch.minimum(ta, tb).amax(1, keepdim=True).clamp(min=self.spec.near)  # within the sample range (Python floats: no
+        t_out = torch.maximum(ta, tb).amin(1, keepdim=True).clamp(max=self.spec.far)  # tensor-to-number step to break a compiled graph)
+        return t_in, (t_out - t_in).clamp(min=0) / n
+
+    def window(self, first: Tensor, origin: Tensor | None = None, d: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """First occupied steps [B, 1, 1, P] of the rays (origin, d) -> (hit, lo, hi) [B, 1, 1, P]: from the step
+        before (the surface entered the cell in between) to one cell diagonal past it (it may lie that far
+        inside). Only ``march_box`` students need the rays (their steps lie on each ray's own chord)."""
         n, ts = self.spec.march_steps, self.march_t
         first = first.long()
         diagonal = 2 * math.sqrt(3) * self.spec.radius / self.spec.occupancy
+        if self.spec.march_box:
+            if origin is None or d is None:
+                raise ValueError("a march_box student's window needs the rays")
+            t0, dt = self.box_range(origin, d)
+            k = first.to(t0.dtype)
+            return first < n, t0 + (k - 0.5).clamp(min=0) * dt, t0 + (k + 0.5) * dt + diagonal
         return first < n, ts[(first - 1).clamp(0, n - 1)], ts[first.clamp(max=n - 1)] + diagonal
 
 

@@ -60,9 +60,10 @@ def build_spec(meta: dict[str, Any], config: Any) -> StudentSpec:
         width_px=w, height_px=h, fx=meta["fx"] * sx, fy=meta["fy"] * sy, cx=meta["cx"] * sx, cy=meta["cy"] * sy,
         near=float(meta["near"]), far=float(meta["far"]), spacing="disparity" if unbounded else "linear",
         radius=1.0 if unbounded else float(meta["bound"]), samples=config.samples, frequencies=config.frequencies,
-        planes=config.planes, plane_resolution=config.plane_resolution, detail=config.detail, detail_resolution=config.detail_resolution, occupancy=config.occupancy, march_steps=config.march_steps,
+        planes=config.planes, plane_resolution=config.plane_resolution, detail=config.detail, detail_resolution=config.detail_resolution, occupancy=config.occupancy, march_steps=config.march_steps, march_box=config.march_box,
         head_layers=config.head_layers, head_width=config.head_width, detail_view=config.detail_view, detail_lines=config.detail_lines,
         detail_scales=config.detail_scales, detail_product=config.detail_product, detail_points=config.detail_points, detail_spread=config.detail_spread,
+        detail_coarse_once=config.detail_coarse_once,
         depth=config.depth, width=config.width, sr_factor=config.sr_factor, upsample=config.upsample, activation=config.activation, norm=config.norm,
     )
 

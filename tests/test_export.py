@@ -160,12 +160,14 @@ def test_surface_detail_exports_with_gathers_and_an_fp32_read_path(tmp_path: Pat
     assert -10 * np.log10(np.mean((low - got) ** 2)) > 40
 
 
-@pytest.mark.parametrize("texture", [{}, {"detail_scales": 2, "detail_product": True, "detail_points": 2}], ids=["planes", "scales+product+points"])
+@pytest.mark.parametrize("texture", [{}, {"detail_scales": 2, "detail_product": True, "detail_points": 2},
+                                     {"detail_scales": 2, "detail_product": True, "detail_points": 3, "detail_coarse_once": True, "march_box": True}],
+                         ids=["planes", "scales+product+points", "coarse-once+box"])
 def test_occupancy_student_exports_with_its_march(tmp_path: Path, texture: dict) -> None:
     """The occupancy grid and the march (Gather, ReduceMin) go into the one graph: fp32 matches torch, and the
     fp16 variant, which keeps the march in fp32, stays within 40 dB of it (with a per-pixel head MLP, the
     viewing direction in the fuse and feature lines; and with two scales of planes, multiplied, read at two
-    points along each ray)."""
+    points along each ray; and with the coarse scale read once and the march inside the occupied box)."""
     from mg3d.export import onnxmodel as ox
     from mg3d.student.model import NeLF, StudentSpec, fold_batchnorm
     from mg3d.student.synthetic import sphere_occupancy
@@ -338,10 +340,12 @@ def test_missing_coremltools_names_the_extra(student_ws: Path, cli, monkeypatch:
     assert not (student_ws / "export").exists()
 
 
-def test_ios_export_keeps_the_surface_detail_in_fp32_and_compresses_only_convolutions() -> None:
+@pytest.mark.parametrize("extra", [{}, {"detail_points": 2, "detail_coarse_once": True, "march_box": True}], ids=["scales", "coarse-once+box"])
+def test_ios_export_keeps_the_surface_detail_in_fp32_and_compresses_only_convolutions(extra: dict) -> None:
     """Core ML: an occupancy student converts with its point placement, march and plane reads in fp32 (plane
-    and grid indices need it; the viewing direction, the feature lines and a second, coarser plane scale too) and the rest in fp16; int8 and palettized variants compress the convolutions'
-    weights only, never the ray directions or the planes."""
+    and grid indices need it; the viewing direction, the feature lines and a second, coarser plane scale too;
+    the march inside the occupied box) and the rest in fp16; int8 and palettized variants compress the
+    convolutions' weights only, never the ray directions or the planes."""
     pytest.importorskip("coremltools")
     from coremltools.converters.mil.mil import types
 
@@ -350,7 +354,7 @@ def test_ios_export_keeps_the_surface_detail_in_fp32_and_compresses_only_convolu
 
     torch.manual_seed(0)
     spec = StudentSpec(width_px=64, height_px=48, fx=70, fy=70, cx=32, cy=24, near=2, far=6, radius=1.5, depth=2, width=16, sr_factor=8, detail=4,
-                       detail_resolution=64, occupancy=16, march_steps=32, detail_view=2, detail_lines=True, detail_scales=2, detail_product=True)
+                       detail_resolution=64, occupancy=16, march_steps=32, detail_view=2, detail_lines=True, detail_scales=2, detail_product=True, **extra)
     base = coreml.convert(fold_batchnorm(NeLF(spec).eval()), spec.in_channels)
     coreml.check(base, spec.width_px, spec.height_px)
     ops = list(base._mil_program.functions["main"].operations)

@@ -295,6 +295,84 @@ def test_detail_points_read_the_texture_along_the_ray_around_the_surface() -> No
         StudentSpec(**base, detail_points=2, detail_spread=0.0)
 
 
+def test_detail_coarse_once_reads_the_coarser_scales_at_the_surface_alone() -> None:
+    """--detail-coarse-once: with several points and scales, the finest planes are read at every point and the
+    coarser ones once, at the surface (fewer reads, fewer fuse inputs)."""
+    import torch
+
+    from mg3d.errors import ConfigError
+    from mg3d.student.model import NeLF, StudentSpec, contract
+
+    torch.manual_seed(0)
+    base = dict(width_px=32, height_px=32, fx=40, fy=40, cx=16, cy=16, near=1, far=4, depth=2, width=32, sr_factor=4, detail=2, detail_resolution=16,
+                detail_points=3, detail_scales=3, detail_product=True)
+    spec = StudentSpec(**base, detail_coarse_once=True)
+    assert spec.detail_channels == 2 * (3 + 2) and StudentSpec(**base).detail_channels == 2 * 3 * 3
+    model = NeLF(spec)
+    assert model.detail.fuse.in_channels == 16 + 10
+    for planes in model.detail.scales():
+        torch.nn.init.normal_(planes, mean=1.0, std=0.5)
+    c2w = torch.eye(4)[None]
+    c2w[0, 2, 3] = 2.5
+    features, surface = torch.randn(1, 16, 32, 32), torch.full((1, 1, 32, 32), 2.4)
+    with torch.no_grad():
+        fused, _ = model.detail(c2w, features, surface=surface)
+        origin, d = model.detail.rays(c2w)
+        at = [contract(origin + d * (2.4 + k * 2.0 * 2 / 16), dim=1) for k in (-1, 0, 1)]
+        reads = [model.detail.texture(x, slice(0, 1)) for x in at] + [model.detail.texture(at[1], slice(1, None))]
+        want = model.detail.fuse(torch.cat([features, torch.cat(reads, 1).reshape(1, 10, 32, 32)], 1))
+        everything = model.detail.texture(at[1])  # all three scales at the surface: the finest first, then the coarse ones
+    assert torch.allclose(fused, want, atol=1e-5)
+    assert torch.allclose(everything, torch.cat([reads[1], reads[3]], 1))
+    for bad in ({"detail_points": 1}, {"detail_scales": 1}):
+        with pytest.raises(ConfigError, match="detail_coarse_once"):
+            StudentSpec(**{**base, **bad}, detail_coarse_once=True)
+
+
+def test_march_box_spreads_the_steps_over_the_occupied_box(tmp_path: Path) -> None:
+    """--march-box: the march's steps lie on each ray's chord through the occupied cells' bounding box, so with
+    the same number of reads its windows are narrower than the plain march's and still hold the surface; rays
+    that miss the box miss; an empty grid is missed by every ray; a saved student's box comes back."""
+    import torch
+
+    from mg3d.errors import ConfigError
+    from mg3d.student.model import NeLF, StudentSpec
+
+    torch.manual_seed(0)
+    r, n = 32, 24
+    base = dict(width_px=32, height_px=32, fx=24, fy=24, cx=16, cy=16, near=0.5, far=5.0, radius=1.0, center=(0.1, -0.2, 0.05),
+                depth=1, width=8, sr_factor=8, detail=2, detail_resolution=8, occupancy=r)
+    grid = torch.zeros(r, r, r, dtype=torch.uint8)
+    grid[10:20, 12:18, 8:22] = (torch.rand(10, 6, 14) < 0.3).to(torch.uint8)  # a cloud of cells in a box a third of the grid's side
+    c2w = torch.eye(4).repeat(3, 1, 1)
+    c2w[:, :3, 3] = torch.tensor([[0.1, -0.2, 2.5], [0.4, -0.3, 1.6], [0.1, -0.1, 0.3]])  # outside, near and inside the grid
+    models = {}
+    for name, steps, box in (("plain", n, False), ("box", n, True), ("fine", 4096, False)):
+        models[name] = NeLF(StudentSpec(**base, march_steps=steps, march_box=box))
+        models[name].detail.set_occupancy(grid.reshape(-1))
+    with torch.no_grad():
+        hit, lo, hi = models["box"].detail.march_cameras(c2w)
+        plain_hit, plain_lo, plain_hi = models["plain"].detail.march_cameras(c2w)
+        true_hit, true_t, _ = models["fine"].detail.march_cameras(c2w)  # 4,096 steps: the first occupied point, nearly exactly
+    assert float(true_hit.float().mean()) > 0.1 and bool((~true_hit).any())
+    assert not bool((hit & ~true_hit).any())  # a box hit is a true hit
+    assert float(hit.float().sum()) >= float(plain_hit.float().sum())  # finer steps skip no more thin cells than the plain march
+    def holds(h: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> float:  # share of true hits whose window holds the surface
+        return float((h & (a <= true_t + 1e-3) & (true_t <= b)).float().sum() / true_hit.float().sum())
+
+    assert holds(hit, lo, hi) > max(0.9, holds(plain_hit, plain_lo, plain_hi))  # here 91% against 16%; a step may pass a thin cell the fine march meets
+    assert float((hi - lo)[hit].mean()) < 0.7 * float((plain_hi - plain_lo)[plain_hit].mean())  # and is narrower
+    model = models["box"]
+    model.save(tmp_path / "student")
+    again = NeLF.load(tmp_path / "student")
+    assert torch.equal(again.detail.box, model.detail.box)
+    assert torch.equal(again.detail.first_hits(c2w), model.detail.first_hits(c2w))
+    model.detail.set_occupancy(torch.zeros(r**3, dtype=torch.uint8))
+    assert not bool(model.detail.march_cameras(c2w)[0].any())
+    with pytest.raises(ConfigError, match="march_box"):
+        StudentSpec(**{**base, "occupancy": 0}, march_box=True)
+
+
 def test_mobile_r2l_size() -> None:
     from mg3d.student.model import NeLF, StudentSpec, parameter_count
 
@@ -481,15 +559,17 @@ def test_detail_on_pseudo_data_without_surfaces_says_to_redo_distill(ws: Path, c
     assert not (ws / "student").exists() and not list(ws.glob(".student.*"))
 
 
-def test_occupancy_is_baked_from_the_teacher(ws: Path, cli) -> None:
+@pytest.mark.parametrize("extra", [(), ("--march-box", "--detail-points", "2", "--detail-scales", "2", "--detail-coarse-once")], ids=["plain", "box+coarse-once"])
+def test_occupancy_is_baked_from_the_teacher(ws: Path, cli, extra: tuple[str, ...]) -> None:
     """--occupancy bakes the grid from the workspace's teacher (the tiny one here: cells where its density
-    is high), the march finds hits in it, and the grid travels with the weights."""
+    is high), the march finds hits in it, and the grid travels with the weights (also with the march inside
+    the occupied box and the coarse texture read once)."""
     import torch
 
     from mg3d.student.distill import PseudoData
     from mg3d.student.model import NeLF
 
-    result = cli("student", ws, *SHORT, "--detail", "2", "--occupancy", "32", "--steps", "10")
+    result = cli("student", ws, *SHORT, "--detail", "2", "--occupancy", "32", "--steps", "10", *extra)
     assert result.exit_code == 0, result.output
     fraction = read_manifest(ws, "student")["metrics"]["occupied_fraction"]
     model = NeLF.load(ws)
@@ -505,11 +585,18 @@ def test_occupancy_is_baked_from_the_teacher(ws: Path, cli) -> None:
 
 @pytest.mark.parametrize(("option", "needle"), [(("--occupancy", "32"), "occupancy"), (("--detail-view", "2"), "detail_view"), (("--detail-lines",), "detail_lines"),
                                                   (("--detail-scales", "2"), "detail_scales"), (("--detail-product",), "detail_product"),
-                                                  (("--detail-points", "2"), "detail_points")])
+                                                  (("--detail-points", "2"), "detail_points"), (("--detail-coarse-once",), "detail_coarse_once")])
 def test_detail_options_without_detail_are_refused(ws: Path, cli, option: tuple[str, ...], needle: str) -> None:
     result = cli("student", ws, *SHORT, *option)
     assert result.exit_code != 0
     one_line_error(result, needle, "detail")
+    assert not (ws / "student").exists()
+
+
+def test_march_box_without_occupancy_is_refused(ws: Path, cli) -> None:
+    result = cli("student", ws, *SHORT, "--detail", "2", "--march-box")
+    assert result.exit_code != 0
+    one_line_error(result, "march_box", "occupancy")
     assert not (ws / "student").exists()
 
 
