@@ -12,6 +12,13 @@ each ``--iterations`` count), whether the result equals the fixed-step march, an
 
     python scripts/bench_march.py .gpudata/speed25/ws/student_c4p3 .gpudata/speed25/ws/capture/transforms.json \
         --views 20 --iterations 48 --iterations 64
+
+``--form KIND:STEPS`` (repeatable; KIND plain or box, as ``--march-box``) studies the fixed-step march's forms
+instead: against a 4,096-step march (the first occupied point to a sixteenth of a cell), the share of true
+hits each form finds, its false hits, the share of true hits whose window (the learned depth's range) holds
+that point, the window's mean width in cells, and the onnxruntime time of that march alone:
+
+    python scripts/bench_march.py STUDENT TRANSFORMS --views 10 --form plain:128 --form box:64 --form box:32
 """
 
 from __future__ import annotations
@@ -125,12 +132,60 @@ def ort_ms(module: nn.Module, pose: Tensor, threads: int, repeats: int = 5) -> f
     return 1000 * statistics.median(times)
 
 
+def window_study(student: nn.Module, scene, cameras: list[int], forms: list[str], threads: int, fine_steps: int = 4096, chunk: int = 16384) -> dict:
+    """Each march form ("plain:128", "box:64", ...) on the student's grid against a ``fine_steps`` march (see
+    the module docstring), pooled over the ``cameras`` of ``scene``."""
+    import dataclasses
+
+    from mg3d.student.evaluate import camera_at
+    from mg3d.student.model import SurfaceDetail
+
+    spec = student.spec
+
+    def detail(kind: str, steps: int) -> SurfaceDetail:
+        if kind not in ("plain", "box"):
+            raise SystemExit(f"march form {kind!r} is unknown: use plain:STEPS or box:STEPS")
+        module = SurfaceDetail(dataclasses.replace(spec, march_steps=steps, march_box=kind == "box"), 8)
+        module.set_occupancy(student.detail.occupied)
+        return module.eval()
+
+    fine = detail("plain", fine_steps)
+    parsed = [(form, *form.split(":")) for form in forms]
+    marches = {form: detail(kind, int(steps)) for form, kind, steps in parsed}
+    cell = 2 * spec.radius / spec.occupancy
+    counts = {form: {"found": 0, "false": 0, "holds": 0, "width": 0.0, "hits": 0} for form in marches}
+    rays = true_hits = 0
+    with torch.no_grad():
+        for i in cameras:
+            pose = camera_at(scene, i, spec.width_px, spec.height_px)[0][None]
+            origin, d = fine.rays(pose)
+            first = torch.cat([fine.march(origin, d[..., k : k + chunk]) for k in range(0, d.shape[-1], chunk)], -1)  # [1, 1, 1, P]
+            true_hit, true_t = first < fine_steps, fine.march_t[first.clamp(max=fine_steps - 1)]
+            rays, true_hits = rays + true_hit.numel(), true_hits + int(true_hit.sum())
+            for form, march in marches.items():
+                hit, lo, hi = march.window(march.march(origin, d), origin, d)
+                c = counts[form]
+                c["found"] += int((hit & true_hit).sum())
+                c["false"] += int((hit & ~true_hit).sum())
+                c["holds"] += int((hit & true_hit & (lo <= true_t + 1e-4) & (true_t <= hi)).sum())
+                c["width"] += float((hi - lo)[hit].sum()) / cell
+                c["hits"] += int(hit.sum())
+    pose = camera_at(scene, cameras[0], spec.width_px, spec.height_px)[0][None]
+    result: dict = {"views": len(cameras), "rays": rays, "true_hits": true_hits, "fine_steps": fine_steps}
+    for form, march in marches.items():
+        c = counts[form]
+        result[form] = {"found": round(c["found"] / true_hits, 5), "false_of_rays": round(c["false"] / rays, 5), "window_holds_surface": round(c["holds"] / true_hits, 4),
+                        "window_cells": round(c["width"] / max(c["hits"], 1), 2), "ort_march_ms": round(ort_ms(FixedMarch(march), pose, threads), 1)}
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("student", type=Path, help="a trained occupancy student's folder (student.json + weights)")
     parser.add_argument("transforms", type=Path, help="the capture's transforms.json (its test cameras are used)")
     parser.add_argument("--views", type=int, default=20, help="test cameras, spread over the split")
     parser.add_argument("--iterations", type=int, action="append", default=[], help="rounds of the exported skip march to time (repeatable; 64 if none)")
+    parser.add_argument("--form", action="append", default=[], help="KIND:STEPS (plain or box): study these forms of the fixed march instead (repeatable)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
     opts = parser.parse_args()
@@ -147,6 +202,12 @@ def main() -> None:
     test = scene.splits["test"]
     cameras = [int(test[i * len(test) // opts.views]) for i in range(opts.views)]
     w, h = student.spec.width_px, student.spec.height_px
+    if opts.form:
+        result = window_study(student, scene, cameras, opts.form, opts.threads)
+        opts.out.mkdir(parents=True, exist_ok=True)
+        (opts.out / "march_forms.json").write_text(json.dumps(result, indent=1))
+        print(json.dumps(result))
+        return
     fixed = FixedMarch(student.detail)
     start = time.perf_counter()
     skip = SkipMarch(student.detail, 0)
