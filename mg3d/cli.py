@@ -413,7 +413,7 @@ _STUDENT_OPTIONS = [
 @click.option("--detail-resolution", type=click.IntRange(min=2), help="Cells per side of each surface-texture plane [default: 512].")
 @click.option("--depth-weight", type=click.FloatRange(min=0), help="Weight of the loss between the student's surface depth and the teacher's [default: 0.1].")
 @click.option("--occupancy", type=click.IntRange(min=0), help="With --detail: cells per side of an occupancy grid baked from the teacher; each pixel's ray is marched through it, so the surface depth is right at occlusion edges; 0: none [default: 0].")
-@click.option("--march-steps", type=click.IntRange(min=1), help="Steps of that march over the sample range [default: 128].")
+@click.option("--march-steps", type=click.IntRange(min=1), help="Steps of that march over the sample range (with --march-box, over the occupied box) [default: 128].")
 @click.option("--march-box/--no-march-box", default=None, help="With --occupancy: spread those steps over each ray's chord through the occupied cells' bounding box instead of the whole sample range (finer steps for the same reads) [default: off].")
 @click.option("--head-layers", type=click.IntRange(min=0), help="Hidden 1x1 layers of the per-pixel head before the rgb conv; 0: none, as MobileR2L [default: 0].")
 @click.option("--head-width", type=click.IntRange(min=1), help="Channels of the head's hidden layers [default: 64].")

@@ -79,8 +79,8 @@ class SkipMarch(nn.Module):
     def __init__(self, detail: nn.Module, rounds: int, cap: int = 64) -> None:
         super().__init__()
         spec = detail.spec
-        if spec.spacing != "linear":
-            raise SystemExit("this study takes students with linear spacing (object-centric scenes)")
+        if spec.spacing != "linear" or spec.march_box:
+            raise SystemExit("the skip study takes students with linear spacing (object-centric scenes) and the plain march (no --march-box)")
         r = spec.occupancy
         self.detail, self.rounds, self.r, self.n = detail, rounds, r, spec.march_steps
         self.cells = 0.5 * r / spec.radius

@@ -263,6 +263,21 @@ def test_detail_scales_and_product_read_multi_scale_planes_and_multiply_them() -
         StudentSpec(**base, detail_scales=5)
 
 
+def _read_at_surface(model, distance: float) -> tuple:
+    """A 32x32 detail student's texture planes set to varied values, and its surface detail run for a camera at
+    z = 2.5 looking down -z with the surface at ``distance``: (features, fused, origin, d)."""
+    import torch
+
+    for planes in model.detail.scales():
+        torch.nn.init.normal_(planes, mean=1.0, std=0.5)
+    c2w = torch.eye(4)[None]
+    c2w[0, 2, 3] = 2.5
+    features, surface = torch.randn(1, 16, 32, 32), torch.full((1, 1, 32, 32), distance)
+    with torch.no_grad():
+        fused, _ = model.detail(c2w, features, surface=surface)
+    return (features, fused, *model.detail.rays(c2w))
+
+
 def test_detail_points_read_the_texture_along_the_ray_around_the_surface() -> None:
     """--detail-points K --detail-spread S: the texture is read at K points along each pixel's ray, S cells of
     the finest planes apart and centred on the surface, and the fuse reads their features side by side."""
@@ -276,14 +291,8 @@ def test_detail_points_read_the_texture_along_the_ray_around_the_surface() -> No
     spec = StudentSpec(**base, detail_points=3, detail_spread=2.0, detail_scales=2, detail_product=True)
     model = NeLF(spec)
     assert spec.detail_channels == 2 * 2 * 3 and model.detail.fuse.in_channels == 16 + 12
-    for planes in model.detail.scales():
-        torch.nn.init.normal_(planes, mean=1.0, std=0.5)
-    c2w = torch.eye(4)[None]
-    c2w[0, 2, 3] = 2.5
-    features, surface = torch.randn(1, 16, 32, 32), torch.full((1, 1, 32, 32), 2.4)
+    features, fused, origin, d = _read_at_surface(model, 2.4)
     with torch.no_grad():
-        fused, _ = model.detail(c2w, features, surface=surface)
-        origin, d = model.detail.rays(c2w)
         step = 2.0 * 2 / 16  # two cells of the 16-cell planes over [-1, 1], radius 1
         reads = [model.detail.texture(contract(origin + d * (2.4 + k * step), dim=1)) for k in (-1, 0, 1)]
         want = model.detail.fuse(torch.cat([features, torch.cat(reads, 1).reshape(1, 12, 32, 32)], 1))
@@ -310,14 +319,8 @@ def test_detail_coarse_once_reads_the_coarser_scales_at_the_surface_alone() -> N
     assert spec.detail_channels == 2 * (3 + 2) and StudentSpec(**base).detail_channels == 2 * 3 * 3
     model = NeLF(spec)
     assert model.detail.fuse.in_channels == 16 + 10
-    for planes in model.detail.scales():
-        torch.nn.init.normal_(planes, mean=1.0, std=0.5)
-    c2w = torch.eye(4)[None]
-    c2w[0, 2, 3] = 2.5
-    features, surface = torch.randn(1, 16, 32, 32), torch.full((1, 1, 32, 32), 2.4)
+    features, fused, origin, d = _read_at_surface(model, 2.4)
     with torch.no_grad():
-        fused, _ = model.detail(c2w, features, surface=surface)
-        origin, d = model.detail.rays(c2w)
         at = [contract(origin + d * (2.4 + k * 2.0 * 2 / 16), dim=1) for k in (-1, 0, 1)]
         reads = [model.detail.texture(x, slice(0, 1)) for x in at] + [model.detail.texture(at[1], slice(1, None))]
         want = model.detail.fuse(torch.cat([features, torch.cat(reads, 1).reshape(1, 10, 32, 32)], 1))
