@@ -28,6 +28,7 @@ def main() -> None:
     parser.add_argument("--depth-weight", type=float, default=0.1)
     parser.add_argument("--occupancy", type=int, default=0, help="march each pixel's ray through an exact occupancy grid of this many cells per side (0: none)")
     parser.add_argument("--march-steps", type=int, default=128, help="steps of that march over the sample range")
+    parser.add_argument("--march-box", action="store_true", help="those steps over each ray's chord through the occupied cells' box instead")
     parser.add_argument("--detail-lines", action="store_true", help="feature lines times the texture planes (TensoRF's vector-matrix form)")
     parser.add_argument("--scene", choices=["one", "five"], default="one")
     parser.add_argument("--size", type=int, default=128)
@@ -56,7 +57,7 @@ def main() -> None:
         fx, half = data.meta["fx"], opts.size / 2
         spec = StudentSpec(width_px=opts.size, height_px=opts.size, fx=fx, fy=fx, cx=half, cy=half, near=NEAR, far=FAR, radius=1.0, depth=4, width=64,
                            sr_factor=8, detail=opts.detail, detail_resolution=opts.detail_resolution, occupancy=opts.occupancy,
-                           march_steps=opts.march_steps, detail_lines=opts.detail_lines)
+                           march_steps=opts.march_steps, march_box=opts.march_box, detail_lines=opts.detail_lines)
         torch.manual_seed(0)
         model = NeLF(spec)
         if opts.occupancy:  # the exact grid (mg3d student bakes it from the teacher)
@@ -90,7 +91,7 @@ def main() -> None:
         return np.asarray(low).astype(np.float32) / 255
 
     psnr = lambda a, b: float(np.mean([-10 * np.log10(np.mean((x - y) ** 2)) for x, y in zip(a, b)]))  # noqa: E731
-    print(json.dumps({"scene": opts.scene, "detail": opts.detail, "detail_resolution": opts.detail_resolution, "depth_weight": opts.depth_weight, "occupancy": opts.occupancy, "march_steps": opts.march_steps,
+    print(json.dumps({"scene": opts.scene, "detail": opts.detail, "detail_resolution": opts.detail_resolution, "depth_weight": opts.depth_weight, "occupancy": opts.occupancy, "march_steps": opts.march_steps, "march_box": opts.march_box,
                       "steps": metrics["steps"], "images_per_s": metrics["images_per_s"], "test_psnr": round(psnr(pred, truth), 2),
                       "bicubic_bound": round(psnr([bound(t) for t in truth], truth), 2),
                       "edge_pixels": round(float(edge.mean()), 3), "edge_error_share": round(float(error[edge].sum() / error.sum()), 3),
