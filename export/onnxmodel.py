@@ -1,7 +1,7 @@
 """The student as one ONNX file: ``c2w`` [1, 4, 4] in, ``rgb`` [1, 3, H, W] in [0, 1] out.
 
 Ray generation, sampling and encoding are inside the graph (intrinsics baked in), so an app runs one model
-and nothing else. The graph is exported at opset 17 (where GELU is decomposed into Mul/Add/Tanh, which NNAPI
+and nothing else. The graph is exported at opset 17 (where the tanh GELU is written as Mul/Add/Sigmoid, which NNAPI
 and Core ML run; opset 20's Gelu op they do not), simplified with onnxslim, and its depth-to-space nodes are
 rewritten from PyTorch's CRD order to DCR (the only order NNAPI takes) by permuting the channels of the
 convolution before each one. Variants: fp16 (weights and compute; fp32 inputs/outputs; the positional
@@ -55,11 +55,13 @@ def export_fp32(model: torch.nn.Module, opset: int = 17) -> "onnx.ModelProto":
     import onnx
     import onnxslim
 
+    from mg3d.student.model import onnx_forms
+
     model = model.eval().float().cpu()
     example = torch.eye(4)[None]
     example[0, 2, 3] = float(model.spec.near + model.spec.far) / 2
     buffer = io.BytesIO()
-    with quiet(), torch.no_grad():  # the TorchScript exporter's deprecation and tracer notices
+    with quiet(), torch.no_grad(), onnx_forms():  # the TorchScript exporter's deprecation and tracer notices
         # dynamo=False: the TorchScript-based exporter writes opset 17 directly; the dynamo exporter starts at
         # opset 18 and cannot convert this graph down.
         torch.onnx.export(model, (example,), buffer, opset_version=opset, input_names=[INPUT], output_names=[OUTPUT], dynamo=False, do_constant_folding=True)

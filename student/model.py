@@ -15,8 +15,11 @@ intrinsics are baked in (``StudentSpec``) and may be overridden per call (``intr
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -297,8 +300,40 @@ def sampled_line_features(x: Tensor, lines: Tensor, resolution: int, extent: flo
     return out.view(3, c, -1, points).permute(2, 0, 1, 3).to(lines.dtype)  # [B, 3, C, P]
 
 
+_ONNX_FORMS: contextvars.ContextVar[bool] = contextvars.ContextVar("mg3d_onnx_forms", default=False)
+
+
+@contextlib.contextmanager
+def onnx_forms() -> Iterator[None]:
+    """While tracing inside this block, the student takes the forms that ONNX runtimes run fastest, with the
+    same maths (:class:`TanhGELU`). Core ML's converter traces outside it and keeps its one fused GELU."""
+    token = _ONNX_FORMS.set(True)
+    try:
+        yield
+    finally:
+        _ONNX_FORMS.reset(token)
+
+
+class TanhGELU(nn.GELU):
+    """The tanh-approximate GELU. In a traced ONNX graph (:func:`onnx_forms`) it is written
+    ``x sigmoid(x (a + b x^2))`` with a = 2 sqrt(2/pi), b = 0.044715 a: equal to ``0.5 x (1 + tanh(sqrt(2/pi)
+    (x + 0.044715 x^3)))`` (0.5 (1 + tanh(z)) = sigmoid(2 z)), in 6 element-wise ops instead of the 9 that the
+    exporter writes for it, all of which NNAPI and Core ML run (Sigmoid is their LOGISTIC). In fp16, x^2 overflows
+    only past |x| = 256, and then the sigmoid saturates to the right side (x or 0), as the tanh does."""
+
+    A, B = 2.0 * math.sqrt(2.0 / math.pi), 0.044715 * 2.0 * math.sqrt(2.0 / math.pi)
+
+    def __init__(self) -> None:
+        super().__init__(approximate="tanh")
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_tracing() and _ONNX_FORMS.get():
+            return x * torch.sigmoid(x * (self.A + self.B * (x * x)))
+        return super().forward(x)
+
+
 def activation(name: str) -> nn.Module:
-    return nn.GELU(approximate="tanh" if name == "gelu_tanh" else "none")
+    return TanhGELU() if name == "gelu_tanh" else nn.GELU()
 
 
 def norm_layer(name: str, width: int) -> nn.Module:
@@ -406,7 +441,8 @@ class SurfaceDetail(nn.Module):
             self.register_buffer("march_step", torch.arange(n, dtype=torch.int32).view(1, n, 1), persistent=False)
             if spec.march_box:  # the occupied cells' bounding box [lo, hi] in scene units (set_occupancy) and the steps' places in it
                 self.register_buffer("box", torch.zeros(2, 3), persistent=False)
-                self.register_buffer("march_k", torch.arange(n, dtype=torch.float32) + 0.5, persistent=False)
+                # [start, spacing] @ march_k: every step's position at once, as one MatMul; march_k [2, n] = [1 ...; 0.5, 1.5, ...]
+                self.register_buffer("march_k", torch.stack([torch.ones(n), torch.arange(n, dtype=torch.float32) + 0.5]), persistent=False)
             self.register_load_state_dict_post_hook(lambda module, _keys: module.set_occupancy(module.occupied))
 
     def forward(self, c2w: Tensor, features: Tensor, intrinsics: Tensor | None = None, surface: Tensor | None = None, first: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -512,14 +548,39 @@ class SurfaceDetail(nn.Module):
         spec, r, n = self.spec, self.spec.occupancy, self.spec.march_steps
         cells = 0.5 * r / spec.radius  # grid cells per unit of length
         o = (origin - self.center.float().view(1, 3, 1, 1)) * cells + (0.5 * r + 1)  # [B, 3, 1, 1]: cell coordinates, border included
-        if spec.march_box:  # steps evenly over each ray's chord through the box: the same one multiply-add per coordinate
-            t0, dt = self.box_range(origin, d)
-            g = ((o + d * (cells * t0)) + d * (cells * dt) * self.march_k.view(1, 1, n, 1)).floor().clamp(0, r + 1).int()
-        else:
-            g = (o + (d * cells) * self.march_t.view(1, 1, n, 1)).floor().clamp(0, r + 1).int()  # [B, 3, n, P]
+        if spec.march_box:
+            return self._march_box(o, origin, d, cells)
+        g = (o + (d * cells) * self.march_t.view(1, 1, n, 1)).floor().clamp(0, r + 1).int()  # [B, 3, n, P]
         occ = self.bordered[(g[:, 0] * (r + 2) + g[:, 1]) * (r + 2) + g[:, 2]] > 0  # [B, n, P] (int32: 258^3 is past fp32's integers)
-        first = torch.where(occ, self.march_step, n).amin(1, keepdim=True).unsqueeze(1)
-        return (torch.where(dt > 0, first, n) if spec.march_box else first).long()  # a ray that misses the box misses
+        return torch.where(occ, self.march_step, n).amin(1, keepdim=True).unsqueeze(1).long()
+
+    def _march_box(self, o: Tensor, origin: Tensor, d: Tensor, cells: float) -> Tensor:
+        """:meth:`march` over each ray's chord through the occupied cells' box: steps evenly spaced from where it
+        enters to where it leaves. Every point lies inside the box, which lies inside the bordered grid (half a
+        cell of margin each side), so no clamp; a ray that misses the box marches from a border cell. Each
+        coordinate's positions at every step are one MatMul, [start, spacing] @ ``march_k``, with the steps along
+        the last axis (on this 2-core CPU in onnxruntime, 64 steps: 120 ms against 146-153 for the element-wise
+        form, BENCHMARKS.md); on a GPU they stay element-wise, where a MatMul may run in TF32."""
+        r, n = self.spec.occupancy, self.spec.march_steps
+        t0, dt = self.box_range(origin, d)  # [B, 1, 1, P]
+        hit = dt > 0
+        start = torch.where(hit, o + d * (cells * t0), 0.5)  # [B, 3, 1, P]; a miss: the border's corner cell
+        gx, gy, gz = self._box_cells(start, d * (cells * dt), elementwise=d.is_cuda and not torch.jit.is_tracing())  # [B, P, n] each
+        # the grid as bool (a traced graph folds the Cast into the constant; torch views the 0/1 bytes): no compare
+        table = self.bordered.bool() if torch.jit.is_tracing() else self.bordered.view(torch.bool)
+        occ = table[(gx * (r + 2) + gy) * (r + 2) + gz]
+        first = torch.where(occ, self.march_step.view(1, 1, n), n).amin(-1)  # [B, P]
+        return torch.where(hit, first.unsqueeze(1).unsqueeze(1), n).long()  # a ray that misses the box misses
+
+    def _box_cells(self, start: Tensor, spacing: Tensor, elementwise: bool) -> tuple[Tensor, ...]:
+        """Cells (x, y, z) [B, P, n] int32 of the box march's steps from ``start`` [B, 3, 1, P] (cells) at
+        ``spacing``: one MatMul per coordinate, or element-wise (on a GPU, where a MatMul may run in TF32)."""
+        if elementwise:
+            pos = start.squeeze(2).unsqueeze(-1) + spacing.squeeze(2).unsqueeze(-1) * self.march_k[1]  # [B, 3, P, n]
+            return pos.floor().int().unbind(1)
+        ab = torch.stack([start, spacing], -1)  # [B, 3, 1, P, 2]
+        with torch.autocast(start.device.type, enabled=False):  # fp32 positions under an autocast too
+            return tuple(torch.matmul(ab[:, c, 0].float(), self.march_k).floor().int() for c in range(3))
 
     def box_range(self, origin: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
         """``march_box``: where each ray (origin [B, 3, 1, 1], directions [B, 3, 1, P]) enters the occupied cells'

@@ -192,6 +192,42 @@ def test_occupancy_student_exports_with_its_march(tmp_path: Path, texture: dict)
     assert -10 * np.log10(np.mean((low - got) ** 2)) > 40
 
 
+def test_tanh_gelu_exports_as_a_sigmoid_with_the_same_values(tmp_path: Path) -> None:
+    """The tanh GELU goes into ONNX graphs as x sigmoid(x (a + b x^2)): 6 element-wise ops, no Tanh, the same
+    values as torch's (fp32 to rounding; fp16 too where x^2 overflows); traced outside an ONNX export (Core ML's
+    converter) it stays torch's own GELU."""
+    from mg3d.export import onnxmodel as ox
+    from mg3d.student.model import TanhGELU, onnx_forms
+
+    gelu = TanhGELU()
+    x = torch.cat([torch.linspace(-12, 12, 4001), torch.tensor([-6e4, -300.0, -1e-6, 0.0, 1e-6, 300.0, 6e4])])
+    with onnx_forms():
+        traced = torch.jit.trace(gelu, (x,), check_trace=False)
+    assert "sigmoid" in str(traced.graph) and "gelu" not in str(traced.graph)
+    assert "gelu" in str(torch.jit.trace(gelu, (x,), check_trace=False).graph)
+    expected = torch.nn.functional.gelu(x, approximate="tanh")
+    torch.testing.assert_close(traced(x), expected, rtol=1e-6, atol=1e-6)
+    with onnx_forms():  # the same form in fp16
+        half = torch.jit.trace(gelu, (x.half(),), check_trace=False)(x.half()).float()
+    assert bool(torch.isfinite(half).all())
+    torch.testing.assert_close(half, expected.half().float(), rtol=2e-3, atol=2e-3)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), TanhGELU()).eval()
+    model.spec = type("Spec", (), {"near": 2.0, "far": 6.0})()  # export_fp32 reads the sample range for its example pose
+    ops = [n.op_type for n in ox.export_fp32(_PoseAsImage(model), 17).graph.node]
+    assert "Sigmoid" in ops and "Tanh" not in ops
+
+
+class _PoseAsImage(torch.nn.Module):
+    """c2w [1, 4, 4] -> a [1, 3, 4, 4] image through ``net`` (to export a bare layer with the student's input)."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net, self.spec = net, net.spec
+
+    def forward(self, c2w: torch.Tensor) -> torch.Tensor:
+        return self.net(c2w[:, :3].unsqueeze(1).expand(-1, 3, 3, 4))
+
+
 def test_depth_to_space_rewrite_keeps_the_image() -> None:
     """PyTorch's pixel shuffle (CRD) becomes DCR, the order NNAPI takes, with the conv's channels permuted."""
     import io

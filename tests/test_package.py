@@ -49,3 +49,21 @@ def test_demo_and_presets_ship_with_the_package() -> None:
 def test_pyproject_holds_only_the_build_system() -> None:
     text = (ROOT / "pyproject.toml").read_text()
     assert "[build-system]" in text and "[project]" not in text and "[tool." not in text
+
+
+def test_background_runner_returns_the_files_and_refuses_a_fresh_machine(tmp_path: Path) -> None:
+    """scripts/device/background.sh (the GPU runs past the 10-minute limit per call): a run's files come back
+    once it has finished; a `wait` on a machine where nothing was started (the last one went back) says so
+    at once instead of spending the wait."""
+    script = ROOT / "scripts" / "device" / "background.sh"
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {"PATH": "/usr/bin:/bin", "OUT": str(out), "BACKGROUND_DIR": str(tmp_path / "bg")}
+    fresh = subprocess.run(["bash", str(script), "wait", "60"], capture_output=True, text=True, env=env, timeout=30)
+    assert fresh.returncode == 3 and "start it again" in fresh.stdout
+    job = 'sleep 1; echo "{\\"psnr\\": 30}" > "$OUT/result.json"; echo done'
+    started = subprocess.run(["bash", str(script), "start", "0", "bash", "-c", job], capture_output=True, text=True, env=env, timeout=30)
+    assert started.returncode == 0 and "still running" in started.stdout and not (out / "result.json").exists()
+    waited = subprocess.run(["bash", str(script), "wait", "20"], capture_output=True, text=True, env=env, timeout=60)
+    assert waited.returncode == 0 and "finished" in waited.stdout
+    assert (out / "result.json").read_text().strip() == '{"psnr": 30}' and "done" in (out / "log_tail.txt").read_text()

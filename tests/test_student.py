@@ -366,6 +366,9 @@ def test_march_box_spreads_the_steps_over_the_occupied_box(tmp_path: Path) -> No
     assert holds(hit, lo, hi) > max(0.9, holds(plain_hit, plain_lo, plain_hi))  # here 91% against 16%; a step may pass a thin cell the fine march meets
     assert float((hi - lo)[hit].mean()) < 0.7 * float((plain_hi - plain_lo)[plain_hit].mean())  # and is narrower
     model = models["box"]
+    start, spacing = torch.rand(3, 3, 1, 50) * 30 + 1, torch.rand(3, 3, 1, 50) - 0.5
+    for a, b in zip(model.detail._box_cells(start, spacing, elementwise=True), model.detail._box_cells(start, spacing, elementwise=False)):
+        assert a.dtype == b.dtype == torch.int32 and a.shape == (3, 50, n) and float((a != b).float().mean()) < 1e-3  # the GPU's form: the same cells
     model.save(tmp_path / "student")
     again = NeLF.load(tmp_path / "student")
     assert torch.equal(again.detail.box, model.detail.box)

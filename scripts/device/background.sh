@@ -13,7 +13,7 @@ set -uo pipefail
 mode=$1 seconds=$2
 shift 2
 out=${OUT:-/tmp/out}
-bg=/tmp/bg
+bg=${BACKGROUND_DIR:-/tmp/bg}
 if [ "$mode" = start ]; then
   [ $# -gt 0 ] || { echo "usage: background.sh start SECONDS COMMAND [ARGS ...]"; exit 2; }
   rm -rf "$bg" && mkdir -p "$bg/out"
@@ -23,7 +23,13 @@ elif [ "$mode" != wait ]; then
   echo "mode $mode is unknown: use start or wait"
   exit 2
 fi
-pid=$(cat "$bg/pid" 2>/dev/null || echo 0)
+pid=$(cat "$bg/pid" 2>/dev/null)
+if ! [[ "$pid" =~ ^[1-9][0-9]*$ ]]; then
+  # a fresh machine (the last one went back: idle past its release time, or taken): `kill -0 0` would hold
+  # for the whole wait, spending device time on nothing
+  echo "no run was started on this machine (a fresh one: the run on the last was lost with it): start it again"
+  exit 3
+fi
 end=$((SECONDS + seconds))
 while kill -0 "$pid" 2>/dev/null && [ $SECONDS -lt $end ]; do sleep 5; done
 if kill -0 "$pid" 2>/dev/null; then

@@ -1,0 +1,109 @@
+"""CPU frame time of exported students in onnxruntime, several ONNX files timed in turn (interleaved rounds:
+a 2-core host's speed drifts by 10-20% over minutes, so two files timed minutes apart do not compare).
+
+``export`` writes a student of a given spec as ONNX, with seeded random weights and a sphere's occupancy
+grid (a frame's cost does not depend on the weights: every pixel runs the same ops, the march its fixed
+steps). ``time`` times files in turn and gives each one's median, and the median of its per-round ratio to
+the first file. To compare the forms of two commits, export at each (the same command), then time both:
+
+    git checkout OLD -- student export && python scripts/bench_frame.py export /tmp/old.onnx
+    git checkout HEAD -- student export && python scripts/bench_frame.py export /tmp/new.onnx
+    python scripts/bench_frame.py time /tmp/old.onnx /tmp/new.onnx --rounds 40
+
+The default spec is the lego student of the box march and coarse-once texture (400x400, 28x256, 8 samples,
+x8, 3-scale product planes read at 3 points, occupancy 256, 64 box steps, head 2x64, view 2); ``--set
+KEY=VALUE`` changes any StudentSpec field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import fields, replace
+from pathlib import Path
+
+LEGO_FAST = dict(width_px=400, height_px=400, fx=555.555, fy=555.555, cx=200.0, cy=200.0, near=2.0, far=6.0, detail=8, detail_resolution=512,
+                 occupancy=256, march_box=True, march_steps=64, head_layers=2, head_width=64, detail_view=2, detail_scales=3, detail_product=True,
+                 detail_points=3, detail_coarse_once=True)
+
+
+def export(path: Path, sets: list[str]) -> dict:
+    import numpy as np
+    import onnx
+    import torch
+
+    from mg3d.export.onnxmodel import export_fp32
+    from mg3d.student.model import NeLF, StudentSpec, fold_batchnorm
+    from mg3d.student.synthetic import sphere_occupancy
+
+    spec = StudentSpec(**LEGO_FAST)
+    types = {f.name: type(getattr(spec, f.name)) for f in fields(spec)}
+    for item in sets:
+        key, _, value = item.partition("=")
+        if key not in types:
+            raise SystemExit(f"--set {item}: {key} is no StudentSpec field")
+        spec = replace(spec, **{key: value.lower() in ("1", "true") if types[key] is bool else types[key](value)})
+    torch.manual_seed(0)
+    model = NeLF(spec).eval()
+    if spec.occupancy:  # a sphere shell of radius 0.5 in the unit cube: rays hit, pass and miss
+        model.detail.set_occupancy(torch.from_numpy(sphere_occupancy(((np.zeros(3), 0.5),), spec.occupancy)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(export_fp32(fold_batchnorm(model)), str(path))
+    return {"file": str(path), "mb": round(path.stat().st_size / 1e6, 2), "set": sets}
+
+
+def time_files(paths: list[Path], rounds: int, repeats: int, threads: int) -> dict:
+    import numpy as np
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.log_severity_level = threads, 3
+    sessions = [ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"]) for p in paths]
+    pose = np.eye(4, dtype=np.float32)[None]
+    pose[0, 2, 3] = 4.0  # 4 units out on +z, looking at the centre
+    for s in sessions:
+        s.run(None, {"c2w": pose})
+    times: list[list[float]] = [[] for _ in paths]
+    for _ in range(rounds):
+        for k, s in enumerate(sessions):
+            run = []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                s.run(None, {"c2w": pose})
+                run.append(1000 * (time.perf_counter() - t))
+            times[k].append(statistics.median(run))
+    return {str(p): {"median_ms": round(statistics.median(t), 1), "min_ms": round(min(t), 1),
+                     "median_ratio_to_first": round(statistics.median([a / b for a, b in zip(t, times[0])]), 4)} for p, t in zip(paths, times)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    e = sub.add_parser("export", help="write a student of the spec as ONNX (random weights, a sphere's occupancy)")
+    e.add_argument("out", type=Path)
+    e.add_argument("--set", action="append", default=[], help="KEY=VALUE: a StudentSpec field changed from the default spec")
+    t = sub.add_parser("time", help="time ONNX files in turn")
+    t.add_argument("files", type=Path, nargs="+")
+    t.add_argument("--rounds", type=int, default=20)
+    t.add_argument("--repeats", type=int, default=1, help="runs per file and round (their median counts)")
+    t.add_argument("--threads", type=int, default=2)
+    t.add_argument("--json", type=Path, help="also write the result here")
+    opts = parser.parse_args()
+    if opts.command == "export":
+        result = export(opts.out, opts.set)
+    else:
+        missing = [str(p) for p in opts.files if not p.is_file()]
+        if missing:
+            raise SystemExit(f"no such ONNX file: {', '.join(missing)} (write one with: python scripts/bench_frame.py export FILE)")
+        result = time_files(opts.files, opts.rounds, opts.repeats, opts.threads)
+        if opts.json:
+            opts.json.write_text(json.dumps(result, indent=2) + "\n")
+    json.dump(result, sys.stdout, indent=2)
+    print()
+
+
+if __name__ == "__main__":
+    main()
