@@ -566,9 +566,11 @@ class SurfaceDetail(nn.Module):
         hit = dt > 0
         start = torch.where(hit, o + d * (cells * t0), 0.5)  # [B, 3, 1, P]; a miss: the border's corner cell
         gx, gy, gz = self._box_cells(start, d * (cells * dt), elementwise=d.is_cuda and not torch.jit.is_tracing())  # [B, P, n] each
-        # the grid as bool (a traced graph folds the Cast into the constant; torch views the 0/1 bytes): no compare
-        table = self.bordered.bool() if torch.jit.is_tracing() else self.bordered.view(torch.bool)
-        occ = table[(gx * (r + 2) + gy) * (r + 2) + gz]
+        index = (gx * (r + 2) + gy) * (r + 2) + gz
+        if torch.jit.is_tracing() and not _ONNX_FORMS.get():  # Core ML: the bytes and a compare (it would read a bool table in fp16)
+            occ = self.bordered[index] > 0
+        else:  # the grid as bool, no compare: ONNX folds the Cast into the constant, torch views the 0/1 bytes
+            occ = (self.bordered.bool() if torch.jit.is_tracing() else self.bordered.view(torch.bool))[index]
         first = torch.where(occ, self.march_step.view(1, 1, n), n).amin(-1)  # [B, P]
         return torch.where(hit, first.unsqueeze(1).unsqueeze(1), n).long()  # a ray that misses the box misses
 

@@ -214,7 +214,7 @@ def train_stage(workspace: Workspace, config: Any, out: Path, key: str, run_: An
     })
     # a line before the evaluation (minutes on a CPU, with the teacher's renders): what training reached
     console.print(f"student trained: {metrics['steps']} steps in {metrics['train_time_s']:.0f} s ({metrics['images_per_s']} img/s), "
-                  f"train PSNR {metrics['train_psnr']} dB; weights in {out}")
+                  f"train PSNR {metrics['train_psnr']} dB")
     eval_split = next((s for s in ("test", "val") if len(scene.splits.get(s, [])) > 0), None)
     if eval_split is None:
         console.print("[yellow]note:[/] the capture has no held-out views; PSNR/SSIM are not measured")
