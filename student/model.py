@@ -438,11 +438,13 @@ class SurfaceDetail(nn.Module):
             # what the march reads: the same cells inside an empty border, so a point outside the box needs no test
             self.register_buffer("bordered", torch.zeros((r + 2) ** 3, dtype=torch.uint8), persistent=False)
             self.register_buffer("march_t", distance_at(spec, (torch.arange(n, dtype=torch.float64) + 0.5) / n).float(), persistent=False)
-            self.register_buffer("march_step", torch.arange(n, dtype=torch.int32).view(1, n, 1), persistent=False)
-            if spec.march_box:  # the occupied cells' bounding box [lo, hi] in scene units (set_occupancy) and the steps' places in it
+            self.register_buffer("march_step", torch.arange(n, dtype=torch.int32), persistent=False)
+            # [start, spacing] @ march_k: every step's position at once, one MatMul per coordinate; march_k [2, n] is
+            # [1 ...; t_0, t_1, ...] (the steps' distances) or with the box [1 ...; 0.5, 1.5, ...] (steps of each chord)
+            along = torch.arange(n, dtype=torch.float32) + 0.5 if spec.march_box else self.march_t
+            self.register_buffer("march_k", torch.stack([torch.ones(n), along]), persistent=False)
+            if spec.march_box:  # the occupied cells' bounding box [lo, hi] in scene units (set_occupancy)
                 self.register_buffer("box", torch.zeros(2, 3), persistent=False)
-                # [start, spacing] @ march_k: every step's position at once, as one MatMul; march_k [2, n] = [1 ...; 0.5, 1.5, ...]
-                self.register_buffer("march_k", torch.stack([torch.ones(n), torch.arange(n, dtype=torch.float32) + 0.5]), persistent=False)
             self.register_load_state_dict_post_hook(lambda module, _keys: module.set_occupancy(module.occupied))
 
     def forward(self, c2w: Tensor, features: Tensor, intrinsics: Tensor | None = None, surface: Tensor | None = None, first: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -539,50 +541,50 @@ class SurfaceDetail(nn.Module):
         """March rays (origin [B, 3, 1, 1], directions [B, 3, 1, P]) through the occupancy grid at fixed steps:
         the first occupied step [B, 1, 1, P] (int64; ``march_steps`` when the ray meets none).
 
-        The work is elementwise over [B, 3, steps, P] (20 M points for one 400x400 view), so each operation
-        counts: positions are taken in cells of the bordered grid (one multiply-add per coordinate), a point
-        outside the box clamps into the empty border (no inside test), and the first hit is one minimum.
-        On lego at 256 cells: 2.1x faster than the plain form in eager torch on a CPU, the same steps.
-        The steps span the sample range, or with ``march_box`` each ray's chord through the occupied cells'
-        box (:meth:`box_range`): on lego 64 such steps find more of the surface than 128 over the range."""
+        The work is over [B, 3, P, steps] (20 M points for one 400x400 view), so each operation counts:
+        positions are taken in cells of the bordered grid, all of a coordinate's steps as one MatMul
+        (:meth:`_cells`), a point outside the grid clamps into its empty border (no inside test), the grid is
+        read as bool (no compare), and the first hit is one minimum over the last axis. The steps span the
+        sample range, or with ``march_box`` each ray's chord through the occupied cells' box (:meth:`box_range`),
+        whose points need no clamp: on lego 64 such steps find more of the surface than 128 over the range.
+        In onnxruntime on this 2-core CPU the box's 64 steps take 120 ms against 146-153 for the earlier
+        element-wise form (BENCHMARKS.md)."""
         spec, r, n = self.spec, self.spec.occupancy, self.spec.march_steps
         cells = 0.5 * r / spec.radius  # grid cells per unit of length
         o = (origin - self.center.float().view(1, 3, 1, 1)) * cells + (0.5 * r + 1)  # [B, 3, 1, 1]: cell coordinates, border included
-        if spec.march_box:
-            return self._march_box(o, origin, d, cells)
-        g = (o + (d * cells) * self.march_t.view(1, 1, n, 1)).floor().clamp(0, r + 1).int()  # [B, 3, n, P]
-        occ = self.bordered[(g[:, 0] * (r + 2) + g[:, 1]) * (r + 2) + g[:, 2]] > 0  # [B, n, P] (int32: 258^3 is past fp32's integers)
-        return torch.where(occ, self.march_step, n).amin(1, keepdim=True).unsqueeze(1).long()
-
-    def _march_box(self, o: Tensor, origin: Tensor, d: Tensor, cells: float) -> Tensor:
-        """:meth:`march` over each ray's chord through the occupied cells' box: steps evenly spaced from where it
-        enters to where it leaves. Every point lies inside the box, which lies inside the bordered grid (half a
-        cell of margin each side), so no clamp; a ray that misses the box marches from a border cell. Each
-        coordinate's positions at every step are one MatMul, [start, spacing] @ ``march_k``, with the steps along
-        the last axis (on this 2-core CPU in onnxruntime, 64 steps: 120 ms against 146-153 for the element-wise
-        form, BENCHMARKS.md); on a GPU they stay element-wise, where a MatMul may run in TF32."""
-        r, n = self.spec.occupancy, self.spec.march_steps
-        t0, dt = self.box_range(origin, d)  # [B, 1, 1, P]
-        hit = dt > 0
-        start = torch.where(hit, o + d * (cells * t0), 0.5)  # [B, 3, 1, P]; a miss: the border's corner cell
-        gx, gy, gz = self._box_cells(start, d * (cells * dt), elementwise=d.is_cuda and not torch.jit.is_tracing())  # [B, P, n] each
-        index = (gx * (r + 2) + gy) * (r + 2) + gz
+        hit = None
+        if spec.march_box:  # from where each ray enters the box, at its own spacing; a ray that misses it starts in the border
+            t0, dt = self.box_range(origin, d)  # [B, 1, 1, P]
+            hit = dt > 0
+            start, spacing = torch.where(hit, o + d * (cells * t0), 0.5), d * (cells * dt)
+        else:
+            start, spacing = o.expand_as(d), d * cells
+        gx, gy, gz = self._cells(start, spacing, clamp=not spec.march_box, elementwise=d.is_cuda and not torch.jit.is_tracing())  # [B, P, n] each
+        index = (gx * (r + 2) + gy) * (r + 2) + gz  # int32: 258^3 is past fp32's integers
         if torch.jit.is_tracing() and not _ONNX_FORMS.get():  # Core ML: the bytes and a compare (it would read a bool table in fp16)
             occ = self.bordered[index] > 0
         else:  # the grid as bool, no compare: ONNX folds the Cast into the constant, torch views the 0/1 bytes
             occ = (self.bordered.bool() if torch.jit.is_tracing() else self.bordered.view(torch.bool))[index]
-        first = torch.where(occ, self.march_step.view(1, 1, n), n).amin(-1)  # [B, P]
-        return torch.where(hit, first.unsqueeze(1).unsqueeze(1), n).long()  # a ray that misses the box misses
+        first = torch.where(occ, self.march_step, n).amin(-1).unsqueeze(1).unsqueeze(1)  # [B, 1, 1, P]
+        return (first if hit is None else torch.where(hit, first, n)).long()  # a ray that misses the box misses
 
-    def _box_cells(self, start: Tensor, spacing: Tensor, elementwise: bool) -> tuple[Tensor, ...]:
-        """Cells (x, y, z) [B, P, n] int32 of the box march's steps from ``start`` [B, 3, 1, P] (cells) at
-        ``spacing``: one MatMul per coordinate, or element-wise (on a GPU, where a MatMul may run in TF32)."""
+    def _cells(self, start: Tensor, spacing: Tensor, clamp: bool, elementwise: bool) -> tuple[Tensor, ...]:
+        """Cells (x, y, z) [B, P, n] int32 of the march's steps: ``start`` [B, 3, 1, P] + ``spacing`` [B, 3, 1, P]
+        x the second row of ``march_k``, in cells of the bordered grid; ``clamp``: into the grid (the plain march's
+        points leave it; the box's lie inside). One MatMul per coordinate, or element-wise (on a GPU, where a
+        MatMul may run in TF32)."""
+        r = self.spec.occupancy
         if elementwise:
             pos = start.squeeze(2).unsqueeze(-1) + spacing.squeeze(2).unsqueeze(-1) * self.march_k[1]  # [B, 3, P, n]
-            return pos.floor().int().unbind(1)
+            cells = pos.floor().clamp(0, r + 1) if clamp else pos.floor()
+            return cells.int().unbind(1)
         ab = torch.stack([start, spacing], -1)  # [B, 3, 1, P, 2]
+        out = []
         with torch.autocast(start.device.type, enabled=False):  # fp32 positions under an autocast too
-            return tuple(torch.matmul(ab[:, c, 0].float(), self.march_k).floor().int() for c in range(3))
+            for c in range(3):
+                cells = torch.matmul(ab[:, c, 0].float(), self.march_k).floor()
+                out.append((cells.clamp(0, r + 1) if clamp else cells).int())
+        return tuple(out)
 
     def box_range(self, origin: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
         """``march_box``: where each ray (origin [B, 3, 1, 1], directions [B, 3, 1, P]) enters the occupied cells'

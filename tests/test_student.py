@@ -367,7 +367,7 @@ def test_march_box_spreads_the_steps_over_the_occupied_box(tmp_path: Path) -> No
     assert float((hi - lo)[hit].mean()) < 0.7 * float((plain_hi - plain_lo)[plain_hit].mean())  # and is narrower
     model = models["box"]
     start, spacing = torch.rand(3, 3, 1, 50) * 30 + 1, torch.rand(3, 3, 1, 50) - 0.5
-    for a, b in zip(model.detail._box_cells(start, spacing, elementwise=True), model.detail._box_cells(start, spacing, elementwise=False)):
+    for a, b in zip(model.detail._cells(start, spacing, clamp=False, elementwise=True), model.detail._cells(start, spacing, clamp=False, elementwise=False)):
         assert a.dtype == b.dtype == torch.int32 and a.shape == (3, 50, n) and float((a != b).float().mean()) < 1e-3  # the GPU's form: the same cells
     model.save(tmp_path / "student")
     again = NeLF.load(tmp_path / "student")
@@ -795,6 +795,10 @@ def test_occupancy_march_matches_a_plain_march_and_survives_a_reload(tmp_path: P
     fast = model.detail.march(origin, d).reshape(plain.shape)
     assert 0.05 < float((plain < n).float().mean()) < 0.95  # hits and misses both
     assert float((fast == plain).float().mean()) > 0.999  # a point on a cell face may round either way
+    cells = 0.5 * r / spec.radius  # the GPU's element-wise form of the steps' cells, clamped into the grid: the same cells
+    start = ((origin - torch.tensor(spec.center).view(1, 3, 1, 1)) * cells + (0.5 * r + 1)).expand_as(d)
+    for a, b in zip(*(model.detail._cells(start, d * cells, clamp=True, elementwise=e) for e in (True, False))):
+        assert int(a.min()) == 0 and int(a.max()) == r + 1 and float((a != b).float().mean()) < 1e-3
     model.save(tmp_path / "student")
     again = NeLF.load(tmp_path / "student")
     assert torch.equal(again.detail.first_hits(c2w), model.detail.first_hits(c2w))
