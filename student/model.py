@@ -563,8 +563,9 @@ class SurfaceDetail(nn.Module):
         index = (gx * (r + 2) + gy) * (r + 2) + gz  # int32: 258^3 is past fp32's integers
         if torch.jit.is_tracing() and not _ONNX_FORMS.get():  # Core ML: the bytes and a compare (it would read a bool table in fp16)
             occ = self.bordered[index] > 0
-        else:  # the grid as bool, no compare: ONNX folds the Cast into the constant, torch views the 0/1 bytes
-            occ = (self.bordered.bool() if torch.jit.is_tracing() else self.bordered.view(torch.bool))[index]
+        else:  # the grid as bool, no compare: ONNX folds the Cast into the constant, eager torch views the 0/1 bytes
+            traced = torch.jit.is_tracing() or torch.compiler.is_compiling()  # (a compiled graph converts them, 17 MB)
+            occ = (self.bordered.bool() if traced else self.bordered.view(torch.bool))[index]
         first = torch.where(occ, self.march_step, n).amin(-1).unsqueeze(1).unsqueeze(1)  # [B, 1, 1, P]
         return (first if hit is None else torch.where(hit, first, n)).long()  # a ray that misses the box misses
 
