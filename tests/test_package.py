@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -67,3 +68,24 @@ def test_background_runner_returns_the_files_and_refuses_a_fresh_machine(tmp_pat
     waited = subprocess.run(["bash", str(script), "wait", "20"], capture_output=True, text=True, env=env, timeout=60)
     assert waited.returncode == 0 and "finished" in waited.stdout
     assert (out / "result.json").read_text().strip() == '{"psnr": 30}' and "done" in (out / "log_tail.txt").read_text()
+
+
+def test_bench_frame_exports_a_spec_and_times_files_in_turn(tmp_path: Path) -> None:
+    """scripts/bench_frame.py: `export` writes a student of the spec (changed by --set) that onnxruntime runs;
+    `time` gives each file's median and its ratio to the first; a missing file or field gets one clear line."""
+    script = str(ROOT / "scripts" / "bench_frame.py")
+    small = [f"--set={kv}" for kv in ("width_px=32", "height_px=32", "fx=40", "fy=40", "cx=16", "cy=16", "depth=1", "width=8",
+                                       "detail_resolution=16", "occupancy=8", "head_width=8", "detail_points=2")]
+    for name, extra in (("a", []), ("b", ["--set=march_box=false"])):
+        done = subprocess.run([sys.executable, script, "export", str(tmp_path / f"{name}.onnx"), *small, *extra], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+    timed = subprocess.run([sys.executable, script, "time", str(tmp_path / "a.onnx"), str(tmp_path / "b.onnx"), "--rounds", "2", "--json", str(tmp_path / "t.json")],
+                           capture_output=True, text=True, timeout=300)
+    assert timed.returncode == 0, timed.stderr
+    result = json.loads((tmp_path / "t.json").read_text())
+    first, second = (result[str(tmp_path / n)] for n in ("a.onnx", "b.onnx"))
+    assert first["median_ratio_to_first"] == 1.0 and first["median_ms"] > 0 and second["median_ratio_to_first"] > 0
+    missing = subprocess.run([sys.executable, script, "time", str(tmp_path / "none.onnx")], capture_output=True, text=True, timeout=60)
+    assert missing.returncode != 0 and "no such ONNX file" in missing.stderr
+    wrong = subprocess.run([sys.executable, script, "export", str(tmp_path / "c.onnx"), "--set=depthh=2"], capture_output=True, text=True, timeout=60)
+    assert wrong.returncode != 0 and "depthh is no StudentSpec field" in wrong.stderr and not (tmp_path / "c.onnx").exists()
