@@ -39,13 +39,13 @@ def export(path: Path, sets: list[str]) -> dict:
     from mg3d.student.model import NeLF, StudentSpec, fold_batchnorm
     from mg3d.student.synthetic import sphere_occupancy
 
-    spec = StudentSpec(**LEGO_FAST)
-    types = {f.name: type(getattr(spec, f.name)) for f in fields(spec)}
-    for item in sets:
-        key, _, value = item.partition("=")
-        if key not in types:
-            raise SystemExit(f"--set {item}: {key} is no StudentSpec field")
-        spec = replace(spec, **{key: value.lower() in ("1", "true") if types[key] is bool else types[key](value)})
+    from bench_student import _pairs  # the other benchmarks' KEY=VALUE reading (YAML values); this folder is on sys.path
+
+    changes = _pairs(sets)
+    unknown = sorted(set(changes) - {f.name for f in fields(StudentSpec)})
+    if unknown:
+        raise SystemExit(f"--set: {', '.join(unknown)} is no StudentSpec field")
+    spec = replace(StudentSpec(**LEGO_FAST), **changes)
     torch.manual_seed(0)
     model = NeLF(spec).eval()
     if spec.occupancy:  # a sphere shell of radius 0.5 in the unit cube: rays hit, pass and miss

@@ -577,14 +577,14 @@ class SurfaceDetail(nn.Module):
         r = self.spec.occupancy
         if elementwise:
             pos = start.squeeze(2).unsqueeze(-1) + spacing.squeeze(2).unsqueeze(-1) * self.march_k[1]  # [B, 3, P, n]
-            cells = pos.floor().clamp(0, r + 1) if clamp else pos.floor()
-            return cells.int().unbind(1)
+            floor = pos.floor().clamp(0, r + 1) if clamp else pos.floor()
+            return floor.int().unbind(1)
         ab = torch.stack([start, spacing], -1)  # [B, 3, 1, P, 2]
         out = []
         with torch.autocast(start.device.type, enabled=False):  # fp32 positions under an autocast too
             for c in range(3):
-                cells = torch.matmul(ab[:, c, 0].float(), self.march_k).floor()
-                out.append((cells.clamp(0, r + 1) if clamp else cells).int())
+                floor = torch.matmul(ab[:, c, 0].float(), self.march_k).floor()
+                out.append((floor.clamp(0, r + 1) if clamp else floor).int())
         return tuple(out)
 
     def box_range(self, origin: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
