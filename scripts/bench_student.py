@@ -80,7 +80,7 @@ def _student_times(model, pose, repeats: int, cuda: bool, prefix: str = "student
             torch.backends.cudnn.benchmark, inductor.conv_1x1_as_mm = benchmark, as_mm
             try:
                 graphed = torch.compile(_shipped(model), mode=mode)
-                timed(f"{prefix}_fp16_folded_{name}_ms", lambda graphed=graphed: graphed(pose.half()))
+                timed(f"{prefix}_fp16_folded_{name}_ms", lambda graphed=graphed: graphed(pose))
             except Exception as exc:  # noqa: BLE001 - a compiler failure loses one row, not the run
                 result[f"{prefix}_fp16_{name}_error"] = f"{exc.__class__.__name__}: {str(exc)[:200]}"
             finally:
@@ -88,7 +88,7 @@ def _student_times(model, pose, repeats: int, cuda: bool, prefix: str = "student
         if not eager:
             return result
         half = copy.deepcopy(model).half().to(memory_format=torch.channels_last)
-        timed(f"{prefix}_fp16_ms", lambda: half(pose.half()))
+        timed(f"{prefix}_fp16_ms", lambda: half(pose))
 
         def bf16() -> None:
             with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -118,10 +118,10 @@ def _kernel_table(model, pose, rows: int = 15) -> list[list]:
 
     folded = _shipped(model)
     for _ in range(3):
-        folded(pose.half())
+        folded(pose)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        folded(pose.half())
+        folded(pose)
         torch.cuda.synchronize()
     events = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)
     return [[e.key[:90], e.count, round(e.device_time_total, 1)] for e in events[:rows]]

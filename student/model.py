@@ -583,7 +583,7 @@ class SurfaceDetail(nn.Module):
         out = []
         with torch.autocast(start.device.type, enabled=False):  # fp32 positions under an autocast too
             for c in range(3):
-                floor = torch.matmul(ab[:, c, 0].float(), self.march_k).floor()
+                floor = torch.matmul(ab[:, c, 0].float(), self.march_k.float()).floor()  # (a half() model's buffer too)
                 out.append((floor.clamp(0, r + 1) if clamp else floor).int())
         return tuple(out)
 
@@ -653,6 +653,20 @@ class NeLF(nn.Module):
         self.hidden = nn.Sequential(*hidden)
         self.head = nn.Conv2d(c_in, 3, 1)
 
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 - torch's signature
+        """``half()``, ``to(dtype)`` and the like cast the weights only. The floating-point buffers are all
+        geometry (ray directions, sample distances, frequencies, the march's steps and box), which fp16 would
+        move by a quarter pixel and more; they keep fp32 wherever the model goes (:meth:`forward` computes
+        positions in fp32 from an fp32 pose)."""
+        kept = {name: b for name, b in self.named_buffers() if b.is_floating_point()}
+        super()._apply(fn, recurse)
+        for name, old in kept.items():
+            owner, _, attr = name.rpartition(".")
+            module = self.get_submodule(owner)
+            if module._buffers[attr].dtype != old.dtype:
+                module._buffers[attr] = old.to(module._buffers[attr].device)
+        return self
+
     def encode(self, c2w: Tensor, intrinsics: Tensor | None = None) -> Tensor:
         """Positionally encoded ray points (and their plane features) [B, in_channels, h, w] for cameras c2w [B, 4, 4]."""
         spec = self.spec
@@ -678,7 +692,10 @@ class NeLF(nn.Module):
         ``surface``, ``first``: given distances for the detail planes instead of the predicted ones, and the
         occupancy march's result for these cameras (:class:`SurfaceDetail`)."""
         with torch.autocast(c2w.device.type, enabled=False):  # the phases of 2^5 x need fp32, not bf16 (ulp 0.25 at 32)
-            x = self.encode(c2w, intrinsics)
+            x = self.encode(c2w.float(), intrinsics)
+        weight = self.stem[0].weight
+        if x.dtype != weight.dtype:  # an fp16 model (how it ships to a GPU): fp16 from the first convolution on
+            x = x.to(weight.dtype)
         x = self.upsampler(self.act(self.blocks(self.stem(x))))
         depth = None
         if self.spec.detail:

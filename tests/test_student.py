@@ -526,6 +526,41 @@ def test_batchnorm_folds_into_the_convolutions() -> None:
         torch.testing.assert_close(folded(c2w), model(c2w), atol=1e-5, rtol=0)
 
 
+def test_an_fp16_student_keeps_its_geometry_in_fp32() -> None:
+    """How a student ships to a GPU (BatchNorm folded, ``half()``): the weights turn fp16, the geometry (ray
+    directions, sample distances, frequencies, the march's steps and box) stays fp32, positions are computed in
+    fp32 from the fp32 pose, and the image matches the fp32 student's (the lego student: 77-79 dB apart, where
+    an fp16 pose and fp16 directions had left 35-42 dB)."""
+    import copy
+
+    import torch
+
+    from mg3d.student.model import NeLF, StudentSpec, fold_batchnorm
+    from mg3d.student.synthetic import sphere_occupancy
+
+    spec = StudentSpec(width_px=32, height_px=32, fx=40, fy=40, cx=16, cy=16, near=1.5, far=4.5, depth=2, width=16, sr_factor=4,
+                       detail=4, detail_resolution=16, detail_view=2, detail_scales=2, detail_product=True, detail_points=2,
+                       detail_coarse_once=True, occupancy=16, march_box=True, march_steps=16, head_layers=1, head_width=8)
+    torch.manual_seed(0)
+    model = NeLF(spec)
+    model.detail.set_occupancy(torch.from_numpy(sphere_occupancy(((np.zeros(3), 0.5),), 16)))
+    for p in model.parameters():  # weights that make every input matter
+        p.data.normal_(0, 0.3)
+    model = fold_batchnorm(model.eval())
+    half = copy.deepcopy(model).half().to(memory_format=torch.channels_last)
+    assert all(p.dtype == torch.float16 for p in half.parameters())
+    buffers = {n: b for n, b in half.named_buffers() if b.is_floating_point()}
+    assert {"dirs", "t", "freqs", "detail.dirs", "detail.march_k", "detail.box"} <= set(buffers)
+    assert all(b.dtype == torch.float32 for b in buffers.values()), [n for n, b in buffers.items() if b.dtype != torch.float32]
+    torch.testing.assert_close(half.detail.box, model.detail.box, atol=0, rtol=0)
+    c2w = torch.eye(4)[None]
+    c2w[0, :3, 3] = torch.tensor([0.3, 0.2, 3.0])
+    with torch.no_grad():
+        ref, out = model(c2w), half(c2w)
+    assert out.dtype == torch.float16
+    assert float((out.float() - ref).abs().max()) < 1e-2 and float(ref.std()) > 0.1  # the same image, not a flat one
+
+
 def test_students_saved_before_norm_and_activation_options_still_load(tmp_path: Path) -> None:
     import json
 
