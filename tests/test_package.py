@@ -72,7 +72,8 @@ def test_background_runner_returns_the_files_and_refuses_a_fresh_machine(tmp_pat
 
 def test_bench_frame_exports_a_spec_and_times_files_in_turn(tmp_path: Path) -> None:
     """scripts/bench_frame.py: `export` writes a student of the spec (changed by --set) that onnxruntime runs;
-    `time` gives each file's median and its ratio to the first; a missing file or field gets one clear line."""
+    `time` gives each file's median and its ratio to the first; a missing file or field gets one clear line, and
+    `gpu` on a machine without CUDA says so."""
     script = str(ROOT / "scripts" / "bench_frame.py")
     small = [f"--set={kv}" for kv in ("width_px=32", "height_px=32", "fx=40", "fy=40", "cx=16", "cy=16", "depth=1", "width=8",
                                        "detail_resolution=16", "occupancy=8", "head_width=8", "detail_points=2")]
@@ -89,3 +90,8 @@ def test_bench_frame_exports_a_spec_and_times_files_in_turn(tmp_path: Path) -> N
     assert missing.returncode != 0 and "no such ONNX file" in missing.stderr
     wrong = subprocess.run([sys.executable, script, "export", str(tmp_path / "c.onnx"), "--set=depthh=2"], capture_output=True, text=True, timeout=60)
     assert wrong.returncode != 0 and "depthh is no StudentSpec field" in wrong.stderr and not (tmp_path / "c.onnx").exists()
+    import torch
+
+    if not torch.cuda.is_available():  # as on CI
+        nogpu = subprocess.run([sys.executable, script, "gpu", "--json", str(tmp_path / "g.json")], capture_output=True, text=True, timeout=60)
+        assert nogpu.returncode != 0 and "no CUDA device" in nogpu.stderr and not (tmp_path / "g.json").exists()
