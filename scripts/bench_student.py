@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import platform
 import shutil
 import statistics
@@ -81,6 +82,9 @@ def _student_times(model, pose, repeats: int, cuda: bool, prefix: str = "student
             try:
                 graphed = torch.compile(_shipped(model), mode=mode)
                 timed(f"{prefix}_fp16_folded_{name}_ms", lambda graphed=graphed: graphed(pose))
+                if name == "cudagraph":  # the timed form draws the fp32 student's image (fp16 weights, fp32 geometry)
+                    error = torch.mean((graphed(pose).float() - model(pose).float()) ** 2).item()
+                    result[f"{prefix}_fp16_psnr_vs_fp32"] = round(-10 * math.log10(max(error, 1e-12)), 2)
             except Exception as exc:  # noqa: BLE001 - a compiler failure loses one row, not the run
                 result[f"{prefix}_fp16_{name}_error"] = f"{exc.__class__.__name__}: {str(exc)[:200]}"
             finally:
