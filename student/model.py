@@ -583,7 +583,7 @@ class SurfaceDetail(nn.Module):
         out = []
         with torch.autocast(start.device.type, enabled=False):  # fp32 positions under an autocast too
             for c in range(3):
-                floor = torch.matmul(ab[:, c, 0].float(), self.march_k.float()).floor()  # (a half() model's buffer too)
+                floor = torch.matmul(ab[:, c, 0].float(), self.march_k).floor()
                 out.append((floor.clamp(0, r + 1) if clamp else floor).int())
         return tuple(out)
 
