@@ -111,9 +111,8 @@ def gpu(sets: list[str], variants: list[str], repeats: int, rows: int, out: Path
     compiled frame of the spec (without CUDA graphs, which the profiler does not see into; the kernels are the
     same). ``out``: the result so far is written there after each form (a run cut off keeps what it had)."""
     import torch
-    from torch.profiler import ProfilerActivity, profile
 
-    from bench_student import _shipped, _timed
+    from bench_student import _kernels, _shipped, _timed
 
     if not torch.cuda.is_available():
         raise SystemExit("gpu: no CUDA device on this machine: run it on the GPU machine (the device tool)")
@@ -128,15 +127,7 @@ def gpu(sets: list[str], variants: list[str], repeats: int, rows: int, out: Path
             print(key, json.dumps(result[key]), flush=True)
             if k == 0:
                 compiled = torch.compile(model)
-                for _ in range(3):
-                    compiled(pose)
-                torch.cuda.synchronize()
-                with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                    compiled(pose)
-                    torch.cuda.synchronize()
-                events = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)
-                result["kernels_total_us"] = round(sum(e.device_time_total for e in events), 1)
-                result["kernels"] = [[e.key[:120], e.count, round(e.device_time_total, 1)] for e in events[:rows]]
+                result["kernels"], result["kernels_total_us"] = _kernels(lambda: compiled(pose), rows)
             torch._dynamo.reset()  # every variant compiles anew
             if out:
                 out.write_text(json.dumps(result, indent=2) + "\n")
