@@ -85,11 +85,7 @@ def _measure(workspace: Workspace, profile: DeviceProfile, student: Any, name: s
     from mg3d.bench import runners
 
     if profile.runtime == "torch":
-        import copy
-
-        from mg3d.student.model import fold_batchnorm
-
-        return runners.run_torch_cuda(fold_batchnorm(copy.deepcopy(student)), poses, reference, config.warmup, config.runs, precision)
+        return runners.run_torch_cuda(student, poses, reference, config.warmup, config.runs, precision)
     target, _ = _EXPORTS[(profile.transport, profile.runtime)]
     path = workspace.stage_dir("export") / target / name
     if profile.transport == "local":

@@ -61,7 +61,7 @@ def latency_ms(profile: DeviceProfile, spec: Any, estimate: bool, runs: int = 10
 
         return estimate_row(profile, spec, profile.precision if profile.precision in ("fp32", "fp16", "int8") else "fp32", "")["median_ms"], True
     torch.manual_seed(0)
-    model = fold_batchnorm(NeLF(spec))
+    model = NeLF(spec).eval()
     pose = np.eye(4, dtype=np.float32)[None]
     pose[0, 2, 3] = float(spec.near + spec.far) / 2
     if profile.runtime == "torch":
@@ -75,7 +75,7 @@ def latency_ms(profile: DeviceProfile, spec: Any, estimate: bool, runs: int = 10
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "candidate.onnx"
-        onnx.save(export_fp32(model), str(path))
+        onnx.save(export_fp32(fold_batchnorm(model)), str(path))
         if profile.transport == "browser":  # the viewer page in headless Chromium
             from mg3d.bench.runners import run_browser
 

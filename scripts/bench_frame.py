@@ -10,12 +10,14 @@ the first file. To compare the forms of two commits, export at each (the same co
     git checkout HEAD -- student export && python scripts/bench_frame.py export /tmp/new.onnx
     python scripts/bench_frame.py time /tmp/old.onnx /tmp/new.onnx --rounds 40
 
-``gpu`` (on a CUDA machine) times the spec as it ships to a GPU (BatchNorm folded, fp16, channels-last,
-compiled under CUDA graphs), each ``--variant`` beside it (their differences price a part of the frame:
-``detail=0`` drops the texture branch), and lists the CUDA kernels of one compiled frame that take the most
-time (inductor's fused kernels are named after the ops they fuse):
+``gpu`` (on a CUDA machine) times the spec as it ships to a GPU in several forms (``--form``: BatchNorm
+folded, fp16, channels-last, compiled under CUDA graphs; with the residual stack and the texture reads as
+Triton kernels, mg3d.student.gpu; captured whole into one CUDA graph; the form ``mg3d bench --device cuda``
+times), each ``--variant`` beside it (their differences price a part of the frame: ``detail=0`` drops the
+texture branch), each form's PSNR against the fp32 model, and the CUDA kernels of one compiled frame that
+take the most time (inductor's fused kernels are named after the ops they fuse):
 
-    python scripts/bench_frame.py gpu --variant detail_points=1 --variant detail=0,occupancy=0 --json $OUT/gpu.json
+    python scripts/bench_frame.py gpu --form plain --form fused-captured --variant detail=0,occupancy=0 --json $OUT/gpu.json
 
 The default spec is the lego student of the box march and coarse-once texture (400x400, 28x256, 8 samples,
 x8, 3-scale product planes read at 3 points, occupancy 256, 64 box steps, head 2x64, view 2); ``--set
@@ -106,29 +108,65 @@ def time_files(paths: list[Path], rounds: int, repeats: int, threads: int) -> di
                      "median_ratio_to_first": round(statistics.median([a / b for a, b in zip(t, times[0])]), 4)} for p, t in zip(paths, times)}
 
 
-def gpu(sets: list[str], variants: list[str], repeats: int, rows: int, out: Path | None) -> dict:
-    """Frame times (ms) of the spec and its variants as they ship to a GPU, and the costliest kernels of one
-    compiled frame of the spec (without CUDA graphs, which the profiler does not see into; the kernels are the
-    same). ``out``: the result so far is written there after each form (a run cut off keeps what it had)."""
+def gpu(sets: list[str], variants: list[str], repeats: int, rows: int, out: Path | None, forms: list[str], configs: list[str]) -> dict:
+    """Frame times (ms) of the spec and its variants as they ship to a GPU, in each of ``forms``, and the
+    costliest kernels of one compiled frame of the spec in each form (without CUDA graphs, which the profiler
+    does not see into; the kernels are the same). Forms: ``plain`` (BatchNorm folded, fp16, channels-last,
+    compiled in inductor's reduce-overhead mode, its CUDA graphs), ``fused`` (the same with the residual stack
+    and the texture reads as Triton kernels, :mod:`mg3d.student.gpu`; ``fused-blocks``: the stack's alone), ``gather`` / ``fused-gather`` (the texture read with Gather,
+    the exports' form, instead of ``grid_sample``), ``captured`` / ``fused-captured`` (compiled, then captured
+    into one CUDA graph by :func:`mg3d.student.gpu.graphed`: no guards to check per frame), ``bench`` (``mg3d bench --device cuda``'s: the fused form eager, replayed from a
+    CUDA graph). ``configs``: "BM,BK,WARPS" of the stack's kernel, each timed in the fused-captured
+    form. Each form's PSNR against the fp32 model is reported. ``out``: the result so far is written there
+    after each form (a run cut off keeps what it had)."""
+    import math
+
     import torch
 
-    from bench_student import _kernels, _shipped, _timed
+    from bench_student import _kernels, _timed
+    from mg3d.student import model as nelf
+    from mg3d.student.gpu import gpu_form
+    from mg3d.student.gpu import graphed as captured
 
     if not torch.cuda.is_available():
         raise SystemExit("gpu: no CUDA device on this machine: run it on the GPU machine (the device tool)")
     pose = torch.from_numpy(pose_np()).cuda()  # fp32: the model computes positions in fp32
     result: dict = {"device": torch.cuda.get_device_name(), "set": sets}
+    sampled = nelf.sampled_plane_features
+    runs = [(k, v, form, None) for k, v in enumerate(["", *variants]) for form in forms]
+    runs += [(0, "", "fused-captured", tuple(int(n) for n in c.split(","))) for c in configs]  # the steadiest form
     with torch.no_grad():
-        for k, variant in enumerate(["", *variants]):
-            model = _shipped(student([*sets, *filter(None, variant.split(","))], "--variant" if variant else "--set").cuda())
-            graphed = torch.compile(model, mode="reduce-overhead")
-            key = f"variant{k}" if k else "spec"
-            result[key] = {"ms": round(1000 * _timed(lambda graphed=graphed: graphed(pose), repeats, True), 3)} | ({"set": variant} if k else {})
-            print(key, json.dumps(result[key]), flush=True)
-            if k == 0:
-                compiled = torch.compile(model)
-                result["kernels"], result["kernels_total_us"] = _kernels(lambda: compiled(pose), rows)
-            torch._dynamo.reset()  # every variant compiles anew
+        for k, variant, form, config in runs:
+            model = student([*sets, *filter(None, variant.split(","))], "--variant" if variant else "--set").cuda()
+            reference = model(pose)
+            nelf.sampled_plane_features = nelf.gathered_plane_features if "gather" in form else sampled
+            key = (f"variant{k}" if k else "spec") + f"_{form}" + (f"_{'x'.join(map(str, config))}" if config else "")
+            try:
+                if form == "bench":  # mg3d bench --device cuda's form: gpu_form, eager, replayed from a CUDA graph
+                    from mg3d.bench.runners import run_torch_cuda
+
+                    row = run_torch_cuda(model, pose_np(), reference.cpu().numpy(), 10, repeats, "fp16")
+                    result[key] = {"ms": row["median_ms"], "psnr_vs_fp32": row["psnr_vs_torch"], "kernels": row["kernels"]} | ({"set": variant} if k else {})
+                    print(key, json.dumps(result[key]), flush=True)
+                    continue
+                shipped = gpu_form(model, fuse="fused" in form, **({"config": config} if config else {}))
+                if "blocks" in form and shipped.spec.detail:  # the stack's kernel alone
+                    shipped.detail.read_planes, shipped.kernels["texture"] = None, "not asked"
+                graphed = captured(shipped, pose) if "captured" in form else torch.compile(shipped, mode="reduce-overhead")
+                error = torch.mean((graphed(pose).float() - reference) ** 2).item()
+                result[key] = {"ms": round(1000 * _timed(lambda graphed=graphed: graphed(pose), repeats, True), 3),
+                               "psnr_vs_fp32": round(-10 * math.log10(max(error, 1e-12)), 2)}
+                result[key] |= ({"set": variant} if k else {}) | ({"kernels": shipped.kernels} if "fused" in form else {})
+                print(key, json.dumps(result[key]), flush=True)
+                if k == 0 and config is None:
+                    compiled = torch.compile(shipped)
+                    result[f"kernels_{form}"], result[f"kernels_{form}_total_us"] = _kernels(lambda: compiled(pose), rows)
+            except Exception as exc:  # noqa: BLE001 - a form the compiler cannot take loses its row, not the run
+                result[key] = {"error": f"{exc.__class__.__name__}: {str(exc)[:300]}"}
+                print(key, json.dumps(result[key]), flush=True)
+            finally:
+                nelf.sampled_plane_features = sampled
+                torch._dynamo.reset()  # every form compiles anew
             if out:
                 out.write_text(json.dumps(result, indent=2) + "\n")
     return result
@@ -151,12 +189,15 @@ def main() -> None:
     g.add_argument("--variant", action="append", default=[], help="KEY=VALUE,KEY=VALUE: also time the spec changed so")
     g.add_argument("--repeats", type=int, default=50)
     g.add_argument("--rows", type=int, default=25, help="kernels listed")
+    g.add_argument("--form", action="append", choices=["plain", "fused", "fused-blocks", "gather", "fused-gather", "captured", "fused-captured", "bench"],
+                   help="forms timed (default: plain, fused and fused-captured)")
+    g.add_argument("--fused-config", action="append", default=[], help="BM,BK,WARPS: also time the spec fused and captured with this configuration of the stack's kernel")
     g.add_argument("--json", type=Path, help="also write the result here")
     opts = parser.parse_args()
     if opts.command == "export":
         result = export(opts.out, opts.set)
     elif opts.command == "gpu":
-        result = gpu(opts.set, opts.variant, opts.repeats, opts.rows, opts.json)
+        result = gpu(opts.set, opts.variant, opts.repeats, opts.rows, opts.json, opts.form or ["plain", "fused", "fused-captured"], opts.fused_config)
     else:
         missing = [str(p) for p in opts.files if not p.is_file()]
         if missing:

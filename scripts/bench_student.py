@@ -44,18 +44,10 @@ def _timed(fn, repeats: int, cuda: bool) -> float:
     return statistics.median(times)
 
 
-def _shipped(model):
-    """``model`` as it ships to a GPU: BatchNorm folded into the convs, fp16, channels-last."""
-    import torch
-
-    from mg3d.student.model import fold_batchnorm
-
-    return fold_batchnorm(model).half().to(memory_format=torch.channels_last)
-
-
 def _student_times(model, pose, repeats: int, cuda: bool, prefix: str = "student", eager: bool = True, fns: dict | None = None, autotune: bool = False) -> dict:
     """Frame times (ms) of one student: on CUDA fp16 with BatchNorm folded into the convs under CUDA graphs
-    (how it ships; also with ``torch.backends.cudnn.benchmark``, and with ``autotune`` compiled with max-autotune), and with
+    (also with the Triton kernels of mg3d.student.gpu, and so captured into one CUDA graph: how it ships; also
+    with ``torch.backends.cudnn.benchmark``, and with ``autotune`` compiled with max-autotune), and with
     ``eager`` also eager fp16 (unfolded), bf16 autocast and fp32; on a CPU fp32.
     ``fns``: filled with each timed form's callable, by its key (for :func:`_rounds`)."""
     import torch
@@ -75,16 +67,26 @@ def _student_times(model, pose, repeats: int, cuda: bool, prefix: str = "student
         from torch._dynamo import config as dynamo
         from torch._inductor import config as inductor
 
+        from mg3d.student.gpu import gpu_form
+        from mg3d.student.gpu import graphed as captured
+
         dynamo.recompile_limit = 64  # every form of every variant compiles the same forward anew
-        forms = [("cudagraph", "reduce-overhead", False, False), ("cudagraph_cudnn_benchmark", "reduce-overhead", True, False)]
-        for name, mode, benchmark, as_mm in forms + ([("max_autotune_mm", "max-autotune", False, True)] if autotune else []):
+        # the fused forms (mg3d.student.gpu: the residual stack and the texture reads as Triton kernels) under
+        # reduce-overhead's CUDA graphs, and compiled, then captured whole into one CUDA graph (graphed: one
+        # launch a frame, none of reduce-overhead's per-call guards; the fastest form)
+        forms = [("cudagraph", "reduce-overhead", False, False, False), ("fused_cudagraph", "reduce-overhead", False, False, True),
+                 ("fused_captured", "captured", False, False, True), ("cudagraph_cudnn_benchmark", "reduce-overhead", True, False, False)]
+        for name, mode, benchmark, as_mm, fuse in forms + ([("max_autotune_mm", "max-autotune", False, True, False)] if autotune else []):
             torch.backends.cudnn.benchmark, inductor.conv_1x1_as_mm = benchmark, as_mm
             try:
-                graphed = torch.compile(_shipped(model), mode=mode)
+                shipped = gpu_form(model, fuse=fuse)
+                if fuse:
+                    result[f"{prefix}_fp16_{name}_kernels"] = shipped.kernels
+                graphed = captured(shipped, pose) if mode == "captured" else torch.compile(shipped, mode=mode)
                 timed(f"{prefix}_fp16_folded_{name}_ms", lambda graphed=graphed: graphed(pose))
-                if name == "cudagraph":  # the timed form draws the fp32 student's image (fp16 weights, fp32 geometry)
+                if name in ("cudagraph", "fused_cudagraph", "fused_captured"):  # the timed forms draw the fp32 student's image (fp16 weights, fp32 geometry)
                     error = torch.mean((graphed(pose).float() - model(pose).float()) ** 2).item()
-                    result[f"{prefix}_fp16_psnr_vs_fp32"] = round(-10 * math.log10(max(error, 1e-12)), 2)
+                    result[f"{prefix}_fp16_psnr_vs_fp32" if name == "cudagraph" else f"{prefix}_fp16_{name}_psnr_vs_fp32"] = round(-10 * math.log10(max(error, 1e-12)), 2)
             except Exception as exc:  # noqa: BLE001 - a compiler failure loses one row, not the run
                 result[f"{prefix}_fp16_{name}_error"] = f"{exc.__class__.__name__}: {str(exc)[:200]}"
             finally:
@@ -184,7 +186,9 @@ def speed(ws: Path, student_dir: Path, repeats: int, threads: int, onnx_models: 
         result.update({"fastest": fastest, "student_ms_rounds": student_ms, "teacher_ms_rounds": teacher_ms})
         result["student_ms"], result["teacher_ms"] = statistics.median(student_ms), statistics.median(teacher_ms)
         if kernels and cuda:
-            folded = _shipped(student)  # eager: each op its own kernels
+            from mg3d.student.gpu import gpu_form
+
+            folded = gpu_form(student, fuse=False)  # eager: each op its own kernels
             result["kernels"] = _kernels(lambda: folded(pose))[0]
         for k, variant in enumerate(variants):
             spec = dataclasses.replace(student.spec, **_pairs(variant.split(",")))

@@ -19,7 +19,7 @@ import contextlib
 import contextvars
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -432,6 +432,8 @@ class SurfaceDetail(nn.Module):
         if spec.detail_view:  # pi 2^f for each frequency f, per coordinate: [1, 3 F, 1] against the direction repeated F times
             scales = math.pi * 2.0 ** torch.arange(spec.detail_view, dtype=torch.float32).repeat_interleave(3)
             self.register_buffer("view_scales", scales.view(1, -1, 1), persistent=False)
+        # a GPU form's one-kernel plane reads (mg3d.student.gpu.plane_reads, set by gpu_form), else None
+        self.read_planes: Callable[..., Tensor] | None = None
         if spec.occupancy:  # filled from the teacher (or a synthetic scene's exact grid) by set_occupancy; saved with the weights
             r, n = spec.occupancy, spec.march_steps
             self.register_buffer("occupied", torch.zeros(r**3, dtype=torch.uint8))  # 0/1 (uint8: DDP and NCCL broadcast it)
@@ -490,6 +492,9 @@ class SurfaceDetail(nn.Module):
         lines = line_features(points, self.lines, spec.detail_resolution, spec.plane_extent, p).unsqueeze(2) if spec.detail_lines else None  # [B, 3, 1, C, P]
         out = []
         for planes, r in zip(self.scales()[scales], spec.detail_resolutions[scales]):
+            if self.read_planes is not None and not torch.jit.is_tracing():  # lines excluded (gpu.fusible)
+                out.append(self.read_planes(points, planes, r, spec.plane_extent, spec.detail_product))  # [B, C or 3 C, P]
+                continue
             f = plane_features(points, planes, r, spec.plane_extent, 1, p)  # [B, 3, 1, C, P]
             if lines is not None:
                 f = f * lines
