@@ -39,8 +39,8 @@ from mg3d.student.model import NeLF, TanhGELU, fold_batchnorm
 
 #: the stack's kernel: rows (ray-grid pixels) per program, hidden channels per chunk, warps per program. On
 #: the lego frame (2,500 rows) on an H200: 0.66 ms a frame against 0.76 for (32, 64, 4), 0.85 for (16, 64, 4),
-#: 1.00 for (64, 64, 4); chunks of 128 need more shared memory than it has (scripts/bench_frame.py gpu
-#: --fused-config, BENCHMARKS.md)
+#: 1.00 for (64, 64, 4), 0.74-1.12 for five others with 8 or 16 warps; chunks of 128 need more shared memory
+#: than it has (scripts/bench_frame.py gpu --fused-config, BENCHMARKS.md)
 DEFAULT_CONFIG = (32, 64, 8)
 
 
