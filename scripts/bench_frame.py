@@ -10,6 +10,9 @@ the first file. To compare the forms of two commits, export at each (the same co
     git checkout HEAD -- student export && python scripts/bench_frame.py export /tmp/new.onnx
     python scripts/bench_frame.py time /tmp/old.onnx /tmp/new.onnx --rounds 40
 
+``profile`` gives onnxruntime's own profile of a file's frame: milliseconds per op type and for the costliest
+nodes, with their output shapes (``python scripts/bench_frame.py profile /tmp/new.onnx``).
+
 ``gpu`` (on a CUDA machine) times the spec as it ships to a GPU in several forms (``--form``: BatchNorm
 folded, fp16, channels-last, compiled under CUDA graphs; with the residual stack and the texture reads as
 Triton kernels, mg3d.student.gpu; captured whole into one CUDA graph; the form ``mg3d bench --device cuda``
@@ -30,6 +33,7 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import fields, replace
 from pathlib import Path
@@ -108,6 +112,39 @@ def time_files(paths: list[Path], rounds: int, repeats: int, threads: int) -> di
                      "median_ratio_to_first": round(statistics.median([a / b for a, b in zip(t, times[0])]), 4)} for p, t in zip(paths, times)}
 
 
+def profile(path: Path, runs: int, threads: int, rows: int) -> dict:
+    """onnxruntime's own profile of ``runs`` frames of an ONNX file (after 2 warm-up runs): milliseconds a frame
+    per op type and for the costliest nodes (with their output shapes)."""
+    import collections
+    import os
+
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.log_severity_level, options.enable_profiling = threads, 3, True
+    options.profile_file_prefix = str(Path(tempfile.mkdtemp()) / "ort")
+    sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feed = {"c2w": pose_np()}
+    for _ in range(2):
+        sess.run(None, feed)
+    t = time.perf_counter()
+    for _ in range(runs):
+        sess.run(None, feed)
+    frame_ms = 1000 * (time.perf_counter() - t) / runs
+    trace = Path(sess.end_profiling())
+    events = [e for e in json.loads(trace.read_text()) if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    os.remove(trace)
+    per_op, per_node, shapes = collections.Counter(), collections.Counter(), {}
+    for e in events:  # the warm-up runs are in the trace too: every figure is divided by all the runs
+        per_op[e["args"]["op_name"]] += e["dur"]
+        per_node[e["name"].removesuffix("_kernel_time")] += e["dur"]
+        shapes[e["name"].removesuffix("_kernel_time")] = " ".join(f"{t}{list(v)}" for d in e["args"].get("output_type_shape", []) for t, v in d.items())
+    total, n = sum(per_op.values()), runs + 2
+    return {"file": str(path), "frame_ms": round(frame_ms, 1), "kernels_ms": round(total / n / 1000, 1),
+            "ops": {k: [round(v / n / 1000, 1), f"{100 * v / total:.1f}%"] for k, v in per_op.most_common(rows)},
+            "nodes": [[k, round(v / n / 1000, 2), shapes[k]] for k, v in per_node.most_common(rows)]}
+
+
 def gpu(sets: list[str], variants: list[str], repeats: int, rows: int, out: Path | None, forms: list[str], configs: list[str]) -> dict:
     """Frame times (ms) of the spec and its variants as they ship to a GPU, in each of ``forms``, and the
     costliest kernels of one compiled frame of the spec in each form (without CUDA graphs, which the profiler
@@ -184,6 +221,11 @@ def main() -> None:
     t.add_argument("--repeats", type=int, default=1, help="runs per file and round (their median counts)")
     t.add_argument("--threads", type=int, default=2)
     t.add_argument("--json", type=Path, help="also write the result here")
+    p = sub.add_parser("profile", help="onnxruntime's profile of an ONNX file's frame: time per op type and node")
+    p.add_argument("file", type=Path)
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rows", type=int, default=15)
     g = sub.add_parser("gpu", help="time the spec (and variants) as shipped to a GPU and list its costliest kernels")
     g.add_argument("--set", action="append", default=[], help="KEY=VALUE: a StudentSpec field changed from the default spec")
     g.add_argument("--variant", action="append", default=[], help="KEY=VALUE,KEY=VALUE: also time the spec changed so")
@@ -196,6 +238,10 @@ def main() -> None:
     opts = parser.parse_args()
     if opts.command == "export":
         result = export(opts.out, opts.set)
+    elif opts.command == "profile":
+        if not opts.file.is_file():
+            raise SystemExit(f"no such ONNX file: {opts.file} (write one with: python scripts/bench_frame.py export FILE)")
+        result = profile(opts.file, opts.runs, opts.threads, opts.rows)
     elif opts.command == "gpu":
         result = gpu(opts.set, opts.variant, opts.repeats, opts.rows, opts.json, opts.form or ["plain", "fused", "fused-captured"], opts.fused_config)
     else:

@@ -247,9 +247,11 @@ def gathered_plane_features(x: Tensor, planes: Tensor, resolution: int, extent: 
     def read(offset: int) -> Tensor:
         return torch.index_select(planes, 0, (index + offset).reshape(-1)).reshape(-1, 3, samples, points, c).float()
 
-    top = read(0) * (1 - fu) + read(1) * fu
-    bottom = read(r) * (1 - fu) + read(r + 1) * fu
-    return (top * (1 - fv) + bottom * fv).permute(0, 1, 2, 4, 3).to(planes.dtype)  # [B, 3, S, C, P]
+    # the four corners' weights on the small [B, 3, S, P, 1] tensors, then 4 products and 3 sums over the C
+    # channels (blending along u, then v, took 6 and 3: on the CPU these full-size ops are a fifth of a frame)
+    gu, gv = 1 - fu, 1 - fv
+    blend = read(0) * (gu * gv) + read(1) * (fu * gv) + read(r) * (gu * fv) + read(r + 1) * (fu * fv)
+    return blend.permute(0, 1, 2, 4, 3).to(planes.dtype)  # [B, 3, S, C, P]
 
 
 def sampled_plane_features(x: Tensor, planes: Tensor, resolution: int, extent: float, samples: int, points: int) -> Tensor:
