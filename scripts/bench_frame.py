@@ -116,13 +116,14 @@ def profile(path: Path, runs: int, threads: int, rows: int) -> dict:
     """onnxruntime's own profile of ``runs`` frames of an ONNX file (after 2 warm-up runs): milliseconds a frame
     per op type and for the costliest nodes (with their output shapes)."""
     import collections
-    import os
+    import shutil
 
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.log_severity_level, options.enable_profiling = threads, 3, True
-    options.profile_file_prefix = str(Path(tempfile.mkdtemp()) / "ort")
+    folder = Path(tempfile.mkdtemp())
+    options.profile_file_prefix = str(folder / "ort")
     sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     feed = {"c2w": pose_np()}
     for _ in range(2):
@@ -133,7 +134,7 @@ def profile(path: Path, runs: int, threads: int, rows: int) -> dict:
     frame_ms = 1000 * (time.perf_counter() - t) / runs
     trace = Path(sess.end_profiling())
     events = [e for e in json.loads(trace.read_text()) if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
-    os.remove(trace)
+    shutil.rmtree(folder, ignore_errors=True)
     per_op, per_node, shapes = collections.Counter(), collections.Counter(), {}
     for e in events:  # the warm-up runs are in the trace too: every figure is divided by all the runs
         per_op[e["args"]["op_name"]] += e["dur"]
@@ -148,14 +149,21 @@ def profile(path: Path, runs: int, threads: int, rows: int) -> dict:
 def gpu(sets: list[str], variants: list[str], repeats: int, rows: int, out: Path | None, forms: list[str], configs: list[str]) -> dict:
     """Frame times (ms) of the spec and its variants as they ship to a GPU, in each of ``forms``, and the
     costliest kernels of one compiled frame of the spec in each form (without CUDA graphs, which the profiler
-    does not see into; the kernels are the same). Forms: ``plain`` (BatchNorm folded, fp16, channels-last,
-    compiled in inductor's reduce-overhead mode, its CUDA graphs), ``fused`` (the same with the residual stack
-    and the texture reads as Triton kernels, :mod:`mg3d.student.gpu`; ``fused-blocks``: the stack's alone), ``gather`` / ``fused-gather`` (the texture read with Gather,
-    the exports' form, instead of ``grid_sample``), ``captured`` / ``fused-captured`` (compiled, then captured
-    into one CUDA graph by :func:`mg3d.student.gpu.graphed`: no guards to check per frame), ``bench`` (``mg3d bench --device cuda``'s: the fused form eager, replayed from a
-    CUDA graph). ``configs``: "BM,BK,WARPS" of the stack's kernel, each timed in the fused-captured
-    form. Each form's PSNR against the fp32 model is reported. ``out``: the result so far is written there
-    after each form (a run cut off keeps what it had)."""
+    does not see into; the kernels are the same). Forms:
+
+    - ``plain``: BatchNorm folded, fp16, channels-last, compiled in inductor's reduce-overhead mode (its CUDA
+      graphs);
+    - ``fused``: the same with the residual stack and the texture reads as Triton kernels
+      (:mod:`mg3d.student.gpu`); ``fused-blocks``: the stack's kernel alone;
+    - ``gather`` / ``fused-gather``: the texture read with Gather (the exports' form) instead of ``grid_sample``;
+    - ``captured`` / ``fused-captured``: compiled, then captured into one CUDA graph
+      (:func:`mg3d.student.gpu.graphed`: no guards to check per frame);
+    - ``bench``: what ``mg3d bench --device cuda`` times (the fused form compiled and captured, GPU time
+      from CUDA events).
+
+    ``configs``: "BM,BK,WARPS" of the stack's kernel, each timed in the fused-captured form. Each form's PSNR
+    against the fp32 model is reported. ``out``: the result so far is written there after each form (a run
+    cut off keeps what it had)."""
     import math
 
     import torch
@@ -179,7 +187,7 @@ def gpu(sets: list[str], variants: list[str], repeats: int, rows: int, out: Path
             nelf.sampled_plane_features = nelf.gathered_plane_features if "gather" in form else sampled
             key = (f"variant{k}" if k else "spec") + f"_{form}" + (f"_{'x'.join(map(str, config))}" if config else "")
             try:
-                if form == "bench":  # mg3d bench --device cuda's form: gpu_form, eager, replayed from a CUDA graph
+                if form == "bench":  # mg3d bench --device cuda's runner: gpu_form compiled and captured, CUDA-event times
                     from mg3d.bench.runners import run_torch_cuda
 
                     row = run_torch_cuda(model, pose_np(), reference.cpu().numpy(), 10, repeats, "fp16")

@@ -72,7 +72,8 @@ def test_background_runner_returns_the_files_and_refuses_a_fresh_machine(tmp_pat
 
 def test_bench_frame_exports_a_spec_and_times_files_in_turn(tmp_path: Path) -> None:
     """scripts/bench_frame.py: `export` writes a student of the spec (changed by --set) that onnxruntime runs;
-    `time` gives each file's median and its ratio to the first; a missing file or field gets one clear line, and
+    `time` gives each file's median and its ratio to the first; `profile` onnxruntime's time per op type and
+    node; a missing file or field gets one clear line, and
     `gpu` on a machine without CUDA says so."""
     script = str(ROOT / "scripts" / "bench_frame.py")
     small = [f"--set={kv}" for kv in ("width_px=32", "height_px=32", "fx=40", "fy=40", "cx=16", "cy=16", "depth=1", "width=8",
@@ -87,6 +88,14 @@ def test_bench_frame_exports_a_spec_and_times_files_in_turn(tmp_path: Path) -> N
     first, second = (result[str(tmp_path / n)] for n in ("a.onnx", "b.onnx"))
     assert first["median_ratio_to_first"] == 1.0 and first["median_ms"] > 0 and second["median_ratio_to_first"] > 0
     missing = subprocess.run([sys.executable, script, "time", str(tmp_path / "none.onnx")], capture_output=True, text=True, timeout=60)
+    assert missing.returncode != 0 and "no such ONNX file" in missing.stderr
+    profiled = subprocess.run([sys.executable, script, "profile", str(tmp_path / "a.onnx"), "--runs", "2", "--rows", "40"], capture_output=True, text=True, timeout=300)
+    assert profiled.returncode == 0, profiled.stderr
+    report = json.loads(profiled.stdout)  # ms a frame per op type and for the costliest nodes, with their shapes
+    assert {"Conv", "Gather", "DepthToSpace"} <= set(report["ops"]) and report["frame_ms"] > 0
+    assert len(report["nodes"]) == 40 and all(ms >= 0 and "[" in shape for _, ms, shape in report["nodes"])
+    assert sum(ms for ms, _ in report["ops"].values()) <= report["kernels_ms"] + 0.5
+    missing = subprocess.run([sys.executable, script, "profile", str(tmp_path / "none.onnx")], capture_output=True, text=True, timeout=60)
     assert missing.returncode != 0 and "no such ONNX file" in missing.stderr
     wrong = subprocess.run([sys.executable, script, "export", str(tmp_path / "c.onnx"), "--set=depthh=2"], capture_output=True, text=True, timeout=60)
     assert wrong.returncode != 0 and "depthh is no StudentSpec field" in wrong.stderr and not (tmp_path / "c.onnx").exists()
