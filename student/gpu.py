@@ -135,9 +135,7 @@ class FusedBlocks(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
-        rows = x.permute(0, 2, 3, 1).reshape(-1, c)  # a view when x is channels-last
-        if not rows.is_contiguous():
-            rows = rows.contiguous()
+        rows = x.permute(0, 2, 3, 1).reshape(-1, c).contiguous()  # no copy when x is channels-last
         out = torch.empty_like(rows)
         bm, bk, warps = self.config
         n = rows.shape[0]
