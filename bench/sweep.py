@@ -36,7 +36,16 @@ def base_spec(workspace: Workspace, sr_factor: int) -> Any:
     from mg3d.student.train import build_spec
 
     data = PseudoData(workspace.require("distill", how=f"run mg3d distill {workspace.root} first"))
-    return build_spec(data.meta, StudentConfig(sr_factor=sr_factor))
+    return build_spec(data.meta, StudentConfig(sr_factor=sr_factor, **student_form(workspace)))
+
+
+def student_form(workspace: Workspace) -> dict[str, Any]:
+    """The surface-texture options of the workspace's trained student (its manifest's config), so that the
+    sweep sizes the same kind of student; without one, the defaults (``surface`` auto)."""
+    from mg3d.student import SURFACE_OPTIONS
+
+    config = (workspace.manifest("student") or {}).get("config") or {}
+    return {k: config[k] for k in ("surface", "head_layers", "head_width", *SURFACE_OPTIONS) if k in config}
 
 
 def spec_at(base: Any, depth: int, width: int, long_side: int) -> Any:
@@ -125,7 +134,7 @@ def sweep(workspace: Workspace, profile: DeviceProfile, config: Any) -> dict[str
     share = config.sweep_budget_s / len(promising)
     trained = []
     for row in promising:
-        student_config = StudentConfig(depth=row["depth"], width=row["width"], sr_factor=config.sweep_sr_factor, resolution=str(row["long_side"]),
+        student_config = StudentConfig(depth=row["depth"], width=row["width"], sr_factor=config.sweep_sr_factor, resolution=str(row["long_side"]), **student_form(workspace),
                                        steps=1_000_000, max_time_s=share, warmup=50, checkpoint_every=1_000_000, eval_views=config.sweep_eval_views, save_views=0)
         t = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:

@@ -49,6 +49,26 @@ class _Views:
         self.truth = np.stack([truth_at(scene, int(i), w, h).transpose(2, 0, 1) for i in indices]) if all(same) else None
 
 
+#: Share of the verified pixels of a student with an occupancy march that may differ by more than the
+#: tolerance: a ray that grazes an occupancy cell's corner can take the neighbouring cell under another
+#: runtime's rounding, which moves that one pixel. A trained lego student: 5 of 1.28 M pixels on 8 poses
+#: (up to 0.11), the rest within 8.3e-5 (BENCHMARKS.md).
+GRAZING = 1e-4
+_WHERE = {False: "", True: " in 99.99% of the pixels"}
+
+
+def onnx_error(spec: Any, onnx_rgb: np.ndarray, torch_rgb: np.ndarray, tolerance: float) -> tuple[float, dict[str, Any]]:
+    """The error of ONNX images [N, 3, H, W] against torch's that the tolerance bounds, and the figures a
+    manifest records: the largest per-pixel error, or for a student that marches its occupancy grid the
+    error of all but the :data:`GRAZING` share of pixels (the largest and the count past the tolerance too)."""
+    per_pixel = np.abs(onnx_rgb - torch_rgb).max(1)
+    worst = float(per_pixel.max())
+    if not spec.occupancy:
+        return worst, {"max_abs_error_fp32": worst}
+    checked = float(np.quantile(per_pixel, 1 - GRAZING))
+    return checked, {"max_abs_error_fp32": worst, "abs_error_fp32_p9999": checked, "pixels_past_tolerance": int((per_pixel > tolerance).sum()), "pixels": int(per_pixel.size)}
+
+
 def export_target(workspace: Workspace, config: Any, out: Path) -> dict[str, Any]:
     """Write ``out`` (= WS/export/<target> in the stage's partial folder); return the target's summary."""
     from mg3d.export import onnxmodel as ox
@@ -77,16 +97,16 @@ def export_target(workspace: Workspace, config: Any, out: Path) -> dict[str, Any
         fp32_path = work / "model.onnx"
         onnx.save(graph, str(fp32_path))
         sess32 = ox.session(fp32_path)
-        error = float(np.abs(ox.render(sess32, views.verify) - reference).max())
+        error, agreement = onnx_error(spec, ox.render(sess32, views.verify), reference, config.tolerance)
         if error > config.tolerance:
             raise ox.ExportError(
-                f"the fp32 ONNX model differs from the torch student by {error:.2e} on {len(views.verify)} poses (tolerance {config.tolerance:.0e})",
+                f"the fp32 ONNX model differs from the torch student by {error:.2e}{_WHERE[bool(spec.occupancy)]} on {len(views.verify)} poses (tolerance {config.tolerance:.0e})",
                 hint="nothing was exported; raise --tolerance only if you accept that difference",
             )
         fp32_test = ox.render(sess32, views.test)
         bar.advance(task)
         summary: dict[str, Any] = {
-            "verification": {"poses": len(views.verify), "tolerance": config.tolerance, "max_abs_error_fp32": error},
+            "verification": {"poses": len(views.verify), "tolerance": config.tolerance, **agreement},
             "eval_split": views.split, "eval_views": len(views.test),
             "psnr_torch": mean_psnr(test_torch.clip(0, 1), views.truth) if views.truth is not None else None,
         }
@@ -144,7 +164,7 @@ def export_target(workspace: Workspace, config: Any, out: Path) -> dict[str, Any
     files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != "manifest.json")
     manifest = {"target": target, "mg3d": __version__, "files": {str(p.relative_to(out)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files}}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    return {"eval_views": len(views.test), "max_abs_error_fp32": error, "psnr_torch": summary["psnr_torch"],
+    return {"eval_views": len(views.test), "max_abs_error_fp32": agreement["max_abs_error_fp32"], "psnr_torch": summary["psnr_torch"],
             "variants": [{k: v[k] for k in ("file", "format", "precision", "mb", "psnr", "psnr_vs_fp32", "psnr_loss_db", "resolution", "psnr_vs_full_downsampled") if k in v} for v in variants]}
 
 
@@ -172,9 +192,9 @@ def _half_resolution(student: Any, views: _Views, config: Any, out: Path, fp32_t
     onnx.save(graph, str(path))
     session = ox.session(path)
     reference = np.concatenate([half(torch.from_numpy(p)[None]).numpy() for p in views.verify])
-    error = float(np.abs(ox.render(session, views.verify) - reference).max())
+    error, _ = onnx_error(spec, ox.render(session, views.verify), reference, config.tolerance)
     if error > config.tolerance:
-        raise ox.ExportError(f"the half-resolution ONNX model differs from torch by {error:.2e} (tolerance {config.tolerance:.0e})", hint="nothing was exported")
+        raise ox.ExportError(f"the half-resolution ONNX model differs from torch by {error:.2e}{_WHERE[bool(spec.occupancy)]} (tolerance {config.tolerance:.0e})", hint="nothing was exported")
     images = ox.render(session, views.test)
     full_down = F.interpolate(torch.from_numpy(fp32_test), size=images.shape[2:], mode="area").numpy()
     size = path.stat().st_size

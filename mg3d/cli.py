@@ -395,7 +395,7 @@ def report(workspace: Path) -> None:
 
 
 _STUDENT_OPTIONS = [
-    "depth", "width", "samples", "frequencies", "planes", "plane_resolution", "detail", "detail_resolution", "depth_weight", "occupancy", "march_steps", "march_box", "head_layers", "head_width", "detail_view", "detail_lines", "detail_scales", "detail_product", "detail_points", "detail_spread", "detail_coarse_once", "sr_factor", "upsample", "activation", "norm", "resolution", "steps",
+    "depth", "width", "samples", "frequencies", "planes", "plane_resolution", "surface", "detail", "detail_resolution", "depth_weight", "occupancy", "march_steps", "march_box", "head_layers", "head_width", "detail_view", "detail_lines", "detail_scales", "detail_product", "detail_points", "detail_spread", "detail_coarse_once", "sr_factor", "upsample", "activation", "norm", "resolution", "steps",
     "max_time_s", "batch", "lr", "plane_lr", "weight_decay", "warmup", "finetune_fraction", "finetune_real", "mixed_precision", "checkpoint_every", "eval_views",
     "save_views", "preload_gb", "device", "seed", "compile",
 ]
@@ -409,21 +409,22 @@ _STUDENT_OPTIONS = [
 @click.option("--frequencies", type=click.IntRange(min=0), help="Positional-encoding frequencies [default: 6].")
 @click.option("--planes", type=click.IntRange(min=0), help="Channels of the learned feature planes (xy, xz, yz) read at every ray point; 0: none, the MobileR2L encoding alone [default: 0].")
 @click.option("--plane-resolution", type=click.IntRange(min=2), help="Cells per side of each feature plane [default: 128].")
-@click.option("--detail", type=click.IntRange(min=0), help="Channels of the per-pixel surface texture: planes read where each output pixel's ray meets the surface the student predicts (trained on the teacher's depth); 0: none, as MobileR2L [default: 0].")
+@click.option("--surface", type=click.Choice(["auto", "on", "off"]), help="The per-pixel surface texture (--detail and the options after it): auto turns it on for bounded scenes (RGBA data such as Blender's) whose pseudo views hold the teacher's surface distances, off for unbounded captures; off is MobileR2L's student [default: auto].")
+@click.option("--detail", type=click.IntRange(min=0), help="Channels of the per-pixel surface texture: planes read where each output pixel's ray meets the surface the student predicts (trained on the teacher's depth); 0: none, as --surface off [default: 8].")
 @click.option("--detail-resolution", type=click.IntRange(min=2), help="Cells per side of each surface-texture plane [default: 512].")
 @click.option("--depth-weight", type=click.FloatRange(min=0), help="Weight of the loss between the student's surface depth and the teacher's [default: 0.1].")
-@click.option("--occupancy", type=click.IntRange(min=0), help="With --detail: cells per side of an occupancy grid baked from the teacher; each pixel's ray is marched through it, so the surface depth is right at occlusion edges; 0: none [default: 0].")
-@click.option("--march-steps", type=click.IntRange(min=1), help="Steps of that march over the sample range (with --march-box, over the occupied box) [default: 128].")
-@click.option("--march-box/--no-march-box", default=None, help="With --occupancy: spread those steps over each ray's chord through the occupied cells' bounding box instead of the whole sample range (finer steps for the same reads) [default: off].")
-@click.option("--head-layers", type=click.IntRange(min=0), help="Hidden 1x1 layers of the per-pixel head before the rgb conv; 0: none, as MobileR2L [default: 0].")
+@click.option("--occupancy", type=click.IntRange(min=0), help="Surface texture: cells per side of an occupancy grid baked from the teacher; each pixel's ray is marched through it, so the surface depth is right at occlusion edges; 0: none [default: 256].")
+@click.option("--march-steps", type=click.IntRange(min=1), help="Steps of that march over the sample range (with --march-box, over the occupied box) [default: 64].")
+@click.option("--march-box/--no-march-box", default=None, help="With --occupancy: spread those steps over each ray's chord through the occupied cells' bounding box instead of the whole sample range (finer steps for the same reads) [default: on].")
+@click.option("--head-layers", type=click.IntRange(min=-1), help="Hidden 1x1 layers of the per-pixel head before the rgb conv; 0: none, as MobileR2L; -1: 2 with the surface texture, 0 without [default: -1].")
 @click.option("--head-width", type=click.IntRange(min=1), help="Channels of the head's hidden layers [default: 64].")
 @click.option("--detail-lines/--no-detail-lines", default=None, help="With --detail: multiply each texture plane's features by a learned line's along the axis the plane lacks (TensoRF's vector-matrix form), so points that share a plane cell differ [default: off].")
-@click.option("--detail-scales", type=click.IntRange(min=1), help="With --detail: sets of texture planes at --detail-resolution, half of it, a quarter, ... (multi-scale planes, as K-planes) [default: 1].")
-@click.option("--detail-product/--no-detail-product", default=None, help="With --detail: multiply the three texture planes' features (K-planes' Hadamard product: features that depend on all three coordinates) instead of concatenating them [default: off].")
-@click.option("--detail-points", type=click.IntRange(min=1), help="With --detail: points along each pixel's ray, centred on the surface, where the texture is read (a shell instead of one point; features concatenated) [default: 1].")
+@click.option("--detail-scales", type=click.IntRange(min=1), help="With --detail: sets of texture planes at --detail-resolution, half of it, a quarter, ... (multi-scale planes, as K-planes) [default: 3].")
+@click.option("--detail-product/--no-detail-product", default=None, help="With --detail: multiply the three texture planes' features (K-planes' Hadamard product: features that depend on all three coordinates) instead of concatenating them [default: on].")
+@click.option("--detail-points", type=click.IntRange(min=1), help="With --detail: points along each pixel's ray, centred on the surface, where the texture is read (a shell instead of one point; features concatenated) [default: 3].")
 @click.option("--detail-spread", type=click.FloatRange(min=0, min_open=True), help="Spacing of those points, in cells of the finest texture planes [default: 2].")
-@click.option("--detail-coarse-once/--no-detail-coarse-once", default=None, help="With --detail-points above 1 and --detail-scales above 1: read the coarser scales once, at the surface, instead of at every point (fewer reads) [default: off].")
-@click.option("--detail-view", type=click.IntRange(min=0), help="With --detail: frequencies of the viewing direction's encoding read with the surface texture at every pixel (view-dependent colour); 0: none [default: 0].")
+@click.option("--detail-coarse-once/--no-detail-coarse-once", default=None, help="With --detail-points above 1 and --detail-scales above 1: read the coarser scales once, at the surface, instead of at every point (fewer reads) [default: on].")
+@click.option("--detail-view", type=click.IntRange(min=0), help="With --detail: frequencies of the viewing direction's encoding read with the surface texture at every pixel (view-dependent colour); 0: none [default: 2].")
 @click.option("--sr-factor", type=click.IntRange(min=1), help="Super-resolution factor, a power of two [default: 8].")
 @click.option("--upsample", type=click.Choice(["shuffle", "transpose"]), help="Upsampling: shuffle (depth-to-space, NNAPI-friendly) or transpose (MobileR2L) [default: shuffle].")
 @click.option("--activation", type=click.Choice(["gelu_tanh", "gelu"]), help="GELU form: gelu_tanh (tanh approximation; every mobile delegate runs it) or gelu (exact; Erf, which NNAPI lacks) [default: gelu_tanh].")

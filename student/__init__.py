@@ -36,21 +36,25 @@ class StudentConfig:
     frequencies: int = 6  # positional-encoding frequencies
     planes: int = 0  # channels of learned feature planes read at every ray point (0: none, as MobileR2L)
     plane_resolution: int = 128  # cells per side of each plane
-    detail: int = 0  # channels of the per-pixel surface-texture planes (0: none, as MobileR2L); needs the teacher's depth
+    # The per-pixel surface texture (``surface``) and its form. The defaults are the best lego student measured
+    # (BENCHMARKS.md): 3-scale product planes of 8 channels read at 3 points, a 64-step march through the box of
+    # a 256-cell occupancy grid, the viewing direction and a 2x64 per-pixel head.
+    surface: str = "auto"  # auto: on for bounded scenes (RGBA data) whose pseudo views hold the teacher's surface distances, off for unbounded captures; on; off (MobileR2L's student)
+    detail: int = 8  # channels of the surface-texture planes (0: no texture, as --surface off)
     detail_resolution: int = 512  # cells per side of each detail plane
     depth_weight: float = 0.1  # weight of the L1 loss between the detail branch's depth and the teacher's (fraction of the sample range)
-    occupancy: int = 0  # detail students: cells per side of an occupancy grid baked from the teacher, through which each pixel's ray is marched for its first hit (0: none)
-    march_steps: int = 128  # steps of that march over the sample range
-    march_box: bool = False  # occupancy students: those steps spread over each ray's chord through the occupied cells' bounding box instead
-    head_layers: int = 0  # hidden 1x1 layers of the per-pixel head before the rgb conv (0: none, as MobileR2L)
+    occupancy: int = 256  # cells per side of an occupancy grid baked from the teacher, through which each pixel's ray is marched for its first hit (0: none)
+    march_steps: int = 64  # steps of that march
+    march_box: bool = True  # those steps spread over each ray's chord through the occupied cells' bounding box (else over the sample range)
+    head_layers: int = -1  # hidden 1x1 layers of the per-pixel head before the rgb conv (-1: 2 with the surface texture, 0 without, as MobileR2L)
     head_width: int = 64  # channels of those layers
-    detail_lines: bool = False  # detail students: each texture plane's features times a learned line's along the axis it lacks (TensoRF's vector-matrix form)
-    detail_view: int = 0  # detail students: frequencies of the viewing direction's encoding read with the surface texture at every pixel (0: none)
-    detail_scales: int = 1  # detail students: sets of texture planes at detail_resolution, half of it, ... (K-planes' multi-scale planes)
-    detail_product: bool = False  # detail students: the three planes' features multiplied (K-planes' Hadamard product) instead of concatenated
-    detail_points: int = 1  # detail students: points along each pixel's ray around the surface where the texture is read (features concatenated)
+    detail_lines: bool = False  # each texture plane's features times a learned line's along the axis it lacks (TensoRF's vector-matrix form)
+    detail_view: int = 2  # frequencies of the viewing direction's encoding read with the surface texture at every pixel (0: none)
+    detail_scales: int = 3  # sets of texture planes at detail_resolution, half of it, ... (K-planes' multi-scale planes)
+    detail_product: bool = True  # the three planes' features multiplied (K-planes' Hadamard product) instead of concatenated
+    detail_points: int = 3  # points along each pixel's ray around the surface where the texture is read (features concatenated)
     detail_spread: float = 2.0  # their spacing, in cells of the finest texture planes
-    detail_coarse_once: bool = False  # detail students with several points and scales: the coarser scales read once, at the surface
+    detail_coarse_once: bool = True  # with several points and scales: the coarser scales read once, at the surface
     sr_factor: int = 8  # super-resolution factor
     upsample: str = "shuffle"  # shuffle (depth-to-space; NNAPI-friendly) or transpose (MobileR2L)
     activation: str = "gelu_tanh"  # gelu_tanh (Tanh: NNAPI and Core ML run it) or gelu (exact; Erf, which NNAPI lacks)
@@ -82,9 +86,13 @@ class StudentConfig:
             raise ConfigError(f"plane_resolution {self.plane_resolution} is too small", hint="use 2 cells or more")
         if self.detail_resolution < 2:
             raise ConfigError(f"detail_resolution {self.detail_resolution} is too small", hint="use 2 cells or more")
-        for name in ("frequencies", "planes", "detail", "detail_view", "head_layers", "depth_weight", "occupancy", "max_time_s", "weight_decay", "warmup", "eval_views", "save_views", "preload_gb"):
+        for name in ("frequencies", "planes", "detail", "detail_view", "depth_weight", "occupancy", "max_time_s", "weight_decay", "warmup", "eval_views", "save_views", "preload_gb"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative")
+        if self.head_layers < -1:
+            raise ConfigError(f"head_layers {self.head_layers} is out of range", hint="use 0 or more, or -1 (2 with the surface texture, 0 without)")
+        if self.surface not in ("auto", "on", "off"):
+            raise ConfigError(f"surface {self.surface!r} is unknown", hint="use auto, on or off")
         if self.compile not in ("auto", "on", "off"):
             raise ConfigError(f"compile {self.compile!r} is unknown", hint="use auto, on or off")
         if self.upsample not in ("shuffle", "transpose"):
@@ -98,6 +106,42 @@ class StudentConfig:
         if not (self.lr > 0 and self.plane_lr > 0):
             raise ConfigError("lr and plane_lr must be positive")
         parse_resolution(self.resolution)
+
+
+#: Options that shape only the surface texture and its march (``surface``): with the texture off, a value other
+#: than the default is reported, not dropped. All but ``depth_weight`` (a loss weight) are fields of the spec.
+SURFACE_OPTIONS = ("detail", "detail_resolution", "occupancy", "march_steps", "march_box", "detail_lines", "detail_view", "detail_scales", "detail_product",
+                   "detail_points", "detail_spread", "detail_coarse_once", "depth_weight")
+
+
+def surface_choice(config: StudentConfig, meta: dict[str, Any]) -> tuple[bool, str]:
+    """Whether the student gets the per-pixel surface texture on pseudo data ``meta`` (its distill.json), and
+    why. ``auto`` turns it on for a bounded scene (RGBA data, such as Blender's) whose pseudo views hold the
+    teacher's surface distances: on lego it scores 28.9 dB after the default 6,000 steps (4.8 minutes on an
+    H200), where MobileR2L's form has stayed at 22.1-23.7 dB in every minutes-long run (BENCHMARKS.md). An
+    unbounded capture gets MobileR2L's student: the texture and its occupancy grid cover a bounded box and are
+    not measured on real captures. Texture options changed while it is off are a ConfigError, so that nothing
+    the user asked for is dropped in silence."""
+    from mg3d.student.distill import has_surfaces
+
+    if config.detail == 0:
+        on, why = False, "detail is 0"
+    elif config.surface != "auto":
+        on, why = config.surface == "on", f"surface is {config.surface}"
+    elif meta.get("unbounded"):
+        on, why = False, "the capture is unbounded (the texture and its occupancy grid cover a bounded scene)"
+    elif not has_surfaces(meta):
+        on, why = False, "the pseudo views hold no surface distances (made by an older mg3d)"
+    else:
+        on, why = True, "a bounded scene with the teacher's surface distances"
+    if not on:
+        defaults = StudentConfig()
+        changed = [n for n in SURFACE_OPTIONS if getattr(config, n) != getattr(defaults, n) and not (n == "detail" and config.detail == 0)]
+        if changed:
+            said = ", ".join(f"{n} {getattr(config, n)}" for n in changed)
+            raise ConfigError(f"{said}: {'it shapes' if len(changed) == 1 else 'they shape'} the surface detail, which is off here: {why}",
+                              hint="add --surface on to train the texture anyway, or leave these options out")
+    return on, why
 
 
 @dataclass
@@ -181,6 +225,6 @@ def _check_data(workspace: Workspace, folder: Any, config: StudentConfig) -> Non
     except (OSError, ValueError, KeyError) as exc:
         raise StudentError(f"the pseudo data in {folder} is unreadable ({exc.__class__.__name__})", hint="redo it with mg3d distill WS --force") from None
     output_size(config.resolution, width, height, config.sr_factor)
-    if config.detail and not has_surfaces(meta):
-        raise StudentError("--detail learns where each pixel's ray meets the surface, and this pseudo data has no surface distances (made by an older mg3d)",
-                           hint=f"redo it with mg3d distill {workspace.root} --force, or train without --detail")
+    if surface_choice(config, meta)[0] and not has_surfaces(meta):  # only --surface on gets here without them
+        raise StudentError("the surface texture learns where each pixel's ray meets the surface, and this pseudo data has no surface distances (made by an older mg3d)",
+                           hint=f"redo it with mg3d distill {workspace.root} --force, or train with --surface off")

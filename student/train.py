@@ -50,20 +50,25 @@ def is_table(name: str) -> bool:
 
 
 def build_spec(meta: dict[str, Any], config: Any) -> StudentSpec:
-    """The student's spec from the pseudo data's metadata and the options."""
-    from mg3d.student import output_size
+    """The student's spec from the pseudo data's metadata and the options (the surface texture's as
+    :func:`mg3d.student.surface_choice` decides: off, the spec keeps MobileR2L's form)."""
+    from mg3d.student import SURFACE_OPTIONS, output_size, surface_choice
 
     w, h = output_size(config.resolution, meta["width"], meta["height"], config.sr_factor)
     sx, sy = w / meta["width"], h / meta["height"]
     unbounded = bool(meta["unbounded"])
+    texture, _ = surface_choice(config, meta)
+    head_layers = config.head_layers if config.head_layers >= 0 else (2 if texture else 0)
+    form = {name: getattr(config, name) for name in SURFACE_OPTIONS if name != "depth_weight"} if texture else {}
+    if form:  # options that only refine another: moot (not an error) when that one is off
+        form["march_box"] = config.march_box and config.occupancy > 0
+        form["detail_coarse_once"] = config.detail_coarse_once and config.detail_points > 1 and config.detail_scales > 1
     return StudentSpec(
         width_px=w, height_px=h, fx=meta["fx"] * sx, fy=meta["fy"] * sy, cx=meta["cx"] * sx, cy=meta["cy"] * sy,
         near=float(meta["near"]), far=float(meta["far"]), spacing="disparity" if unbounded else "linear",
         radius=1.0 if unbounded else float(meta["bound"]), samples=config.samples, frequencies=config.frequencies,
-        planes=config.planes, plane_resolution=config.plane_resolution, detail=config.detail, detail_resolution=config.detail_resolution, occupancy=config.occupancy, march_steps=config.march_steps, march_box=config.march_box,
-        head_layers=config.head_layers, head_width=config.head_width, detail_view=config.detail_view, detail_lines=config.detail_lines,
-        detail_scales=config.detail_scales, detail_product=config.detail_product, detail_points=config.detail_points, detail_spread=config.detail_spread,
-        detail_coarse_once=config.detail_coarse_once,
+        planes=config.planes, plane_resolution=config.plane_resolution, head_layers=head_layers, head_width=config.head_width,
+        **form,
         depth=config.depth, width=config.width, sr_factor=config.sr_factor, upsample=config.upsample, activation=config.activation, norm=config.norm,
     )
 
@@ -167,6 +172,7 @@ def train_stage(workspace: Workspace, config: Any, out: Path, key: str, run_: An
     """Train (every process), then save and evaluate (rank 0). ``run_`` is None on other ranks (and for the
     bench sweep's candidates, which are evaluated without the teacher: ``with_teacher`` False)."""
     from mg3d.formats.nerfstudio import load_nerfstudio
+    from mg3d.student import surface_choice
     from mg3d.student.evaluate import evaluate
     from mg3d.ui import console
 
@@ -175,7 +181,9 @@ def train_stage(workspace: Workspace, config: Any, out: Path, key: str, run_: An
     torch.manual_seed(config.seed)
     data = PseudoData(workspace.stage_dir("distill"))
     spec = build_spec(data.meta, config)
+    texture, why = surface_choice(config, data.meta)
     if run_ is not None:
+        console.print(f"student: {'surface texture' if texture else 'MobileR2L form, no surface texture'} ({why})")
         name = f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "cpu"
         run_.device = name + (f" x{world} processes" if world > 1 else "")
     scene = load_nerfstudio(workspace.stage_dir("capture") / "transforms.json")
@@ -209,7 +217,7 @@ def train_stage(workspace: Workspace, config: Any, out: Path, key: str, run_: An
     metrics.update({
         "parameters": parameter_count(model), "size_mb_fp16": round(parameter_count(model) * 2 / 1e6, 2),
         "gmacs_per_frame": round(macs_per_frame(spec) / 1e9, 3), "resolution": [spec.width_px, spec.height_px],
-        "depth": spec.depth, "width": spec.width, "world_size": world,
+        "depth": spec.depth, "width": spec.width, "world_size": world, "surface": texture, "surface_why": why,
         **({"occupied_fraction": round(occupied, 4)} if occupied is not None else {}),
     })
     # a line before the evaluation (minutes on a CPU, with the teacher's renders): what training reached

@@ -594,9 +594,9 @@ def test_detail_on_pseudo_data_without_surfaces_says_to_redo_distill(ws: Path, c
     meta = json.loads(meta_path.read_text())
     del meta["surfaces"]  # as pseudo data made before the surfaces were stored
     meta_path.write_text(json.dumps(meta))
-    result = cli("student", ws, *SHORT, "--detail", "2")
+    result = cli("student", ws, *SHORT, "--surface", "on", "--detail", "2")
     assert result.exit_code == 1
-    one_line_error(result, "no surface distances", "mg3d distill", "--force")
+    one_line_error(result, "no surface distances", "mg3d distill", "--force", "--surface off")
     assert not (ws / "student").exists() and not list(ws.glob(".student.*"))
 
 
@@ -610,7 +610,7 @@ def test_occupancy_is_baked_from_the_teacher(ws: Path, cli, extra: tuple[str, ..
     from mg3d.student.distill import PseudoData
     from mg3d.student.model import NeLF
 
-    result = cli("student", ws, *SHORT, "--detail", "2", "--occupancy", "32", "--steps", "10", *extra)
+    result = cli("student", ws, *SHORT, "--surface", "on", "--detail", "2", "--occupancy", "32", "--steps", "10", *extra)
     assert result.exit_code == 0, result.output
     fraction = read_manifest(ws, "student")["metrics"]["occupied_fraction"]
     model = NeLF.load(ws)
@@ -624,21 +624,55 @@ def test_occupancy_is_baked_from_the_teacher(ws: Path, cli, extra: tuple[str, ..
     assert bool(((depth >= lo - 1e-4) & (depth <= hi + 1e-4))[hit].all())  # the depth stays in its window
 
 
-@pytest.mark.parametrize(("option", "needle"), [(("--occupancy", "32"), "occupancy"), (("--detail-view", "2"), "detail_view"), (("--detail-lines",), "detail_lines"),
-                                                  (("--detail-scales", "2"), "detail_scales"), (("--detail-product",), "detail_product"),
-                                                  (("--detail-points", "2"), "detail_points"), (("--detail-coarse-once",), "detail_coarse_once")])
-def test_detail_options_without_detail_are_refused(ws: Path, cli, option: tuple[str, ...], needle: str) -> None:
-    result = cli("student", ws, *SHORT, *option)
+@pytest.mark.parametrize(("option", "needle"), [(("--occupancy", "32"), "occupancy"), (("--detail-view", "1"), "detail_view"), (("--detail-lines",), "detail_lines"),
+                                                  (("--detail-scales", "2"), "detail_scales"), (("--no-detail-product",), "detail_product"),
+                                                  (("--detail-points", "2"), "detail_points"), (("--no-detail-coarse-once",), "detail_coarse_once"),
+                                                  (("--detail", "2"), "detail 2")])
+@pytest.mark.parametrize("why", ["unbounded", "surface is off", "detail is 0"])
+def test_texture_options_with_the_texture_off_are_refused(ws: Path, cli, option: tuple[str, ...], needle: str, why: str) -> None:
+    """The demo is an unbounded capture, so --surface auto (the default) trains MobileR2L's student there; the
+    tiny preset turns the texture off; --detail 0 does too. A texture option changed on top is reported, not
+    dropped."""
+    if why == "detail is 0" and option[0] == "--detail":
+        return
+    args = {"unbounded": ("--surface", "auto"), "surface is off": (), "detail is 0": ("--detail", "0")}[why]
+    result = cli("student", ws, *SHORT, *args, *option)
     assert result.exit_code != 0
-    one_line_error(result, needle, "detail")
-    assert not (ws / "student").exists()
+    one_line_error(result, needle, "surface detail", why, "--surface on")
+    assert not (ws / "student").exists() and not list(ws.glob(".student.*"))
 
 
-def test_march_box_without_occupancy_is_refused(ws: Path, cli) -> None:
-    result = cli("student", ws, *SHORT, "--detail", "2", "--march-box")
-    assert result.exit_code != 0
-    one_line_error(result, "march_box", "occupancy")
-    assert not (ws / "student").exists()
+def test_surface_choice_follows_the_scene_and_the_pseudo_data() -> None:
+    """auto: the texture for a bounded scene whose pseudo views hold surface distances, MobileR2L's student for
+    an unbounded capture or older pseudo data; on and off as said; the spec then has the texture's form or
+    none of it, and the head's -1 means 2 layers with the texture and none without."""
+    from mg3d.student import StudentConfig, surface_choice
+    from mg3d.student.train import build_spec
+
+    meta = {"width": 64, "height": 64, "fx": 70.0, "fy": 70.0, "cx": 32.0, "cy": 32.0, "near": 2.0, "far": 6.0, "bound": 1.5, "unbounded": False,
+            "shards": ["shard_0000.npy"], "surfaces": ["surface_0000.npy"]}
+    older = {k: v for k, v in meta.items() if k != "surfaces"}
+    assert surface_choice(StudentConfig(), meta)[0]
+    assert not surface_choice(StudentConfig(), {**meta, "unbounded": True})[0]
+    assert "older mg3d" in surface_choice(StudentConfig(), older)[1]
+    assert surface_choice(StudentConfig(surface="on"), {**meta, "unbounded": True})[0]
+    assert not surface_choice(StudentConfig(surface="off"), meta)[0]
+    on, off = build_spec(meta, StudentConfig()), build_spec(meta, StudentConfig(surface="off"))
+    assert (on.detail, on.occupancy, on.march_steps, on.march_box, on.detail_scales, on.detail_product, on.detail_points, on.detail_coarse_once, on.detail_view, on.head_layers) == (
+        8, 256, 64, True, 3, True, 3, True, 2, 2)
+    assert (off.detail, off.occupancy, off.detail_scales, off.detail_points, off.detail_view, off.head_layers) == (0, 0, 1, 1, 0, 0)
+    assert build_spec(meta, StudentConfig(surface="off", head_layers=1)).head_layers == 1
+    # refinements of an option that is off are moot, not errors
+    moot = build_spec(meta, StudentConfig(occupancy=0, detail_points=1))
+    assert (moot.occupancy, moot.march_box, moot.detail_points, moot.detail_coarse_once) == (0, False, 1, False)
+
+
+def test_march_box_without_occupancy_is_refused_by_the_spec() -> None:
+    from mg3d.errors import ConfigError
+    from mg3d.student.model import StudentSpec
+
+    with pytest.raises(ConfigError, match="march_box bounds the occupancy march"):
+        StudentSpec(width_px=32, height_px=32, fx=40, fy=40, cx=16, cy=16, near=1, far=4, sr_factor=4, detail=2, occupancy=0, march_box=True)
 
 
 def test_stage_order_is_enforced(tiny_demo_capture: Path, tmp_path: Path, cli) -> None:
