@@ -152,6 +152,10 @@ def write_report(ws: Workspace) -> Path:
     for stage, keys in (("teacher", ("psnr", "ssim")), ("student", ("psnr", "ssim", "psnr_vs_teacher", "teacher_psnr"))):
         m = manifests.get(stage, {}).get("metrics", {})
         quality += [[stage, k, m[k]] for k in keys if k in m]
+    student_metrics = manifests.get("student", {}).get("metrics", {})
+    if "surface" in student_metrics:  # which student form --surface chose, and why
+        form = "per-pixel surface texture" if student_metrics["surface"] else "MobileR2L's form (no surface texture)"
+        quality.append(["student", "form", f"{form}: {student_metrics.get('surface_why', '')}"])
     if quality:
         parts.append("<h2>Quality</h2>" + _table(["model", "metric", "value"], quality))
     student = ws.stage_dir("student")

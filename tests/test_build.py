@@ -39,6 +39,7 @@ def test_build_resumes_after_ctrl_c_and_writes_every_artifact(tiny_demo_teacher:
     assert {s: read_manifest(ws, s)["finished"] for s in ("capture", "teacher")} == finished  # not redone
     student = read_manifest(ws, "student")["metrics"]
     assert student["resumed_from_step"] == 200 and student["psnr_vs_teacher"] > 0
+    assert student["surface"] is False and student["surface_why"] == "surface is off"  # the tiny preset's MobileR2L form
     assert read_manifest(ws, "distill")["metrics"]["source"] == "edit/recolour-the-scene"
     # every artifact
     for target, files in {"onnx": ["model.onnx", "model.fp16.onnx", "model.int8.onnx"], "android": ["model.ort"],
@@ -49,7 +50,7 @@ def test_build_resumes_after_ctrl_c_and_writes_every_artifact(tiny_demo_teacher:
     assert (ws / "edit" / "recolour-the-scene" / "teacher.safetensors").is_file()
     # the report: command, prompt, stages, original | edited, turntable, exports and devices
     page = (ws / "report.html").read_text()
-    for needle in ("recolour the scene", "builtin:color", "Stages", "Edit:", "turntable.gif", "Exports", "model.int8.onnx", "Devices", "host", "Versions", "torch"):
+    for needle in ("recolour the scene", "builtin:color", "Stages", "Edit:", "turntable.gif", "Exports", "model.int8.onnx", "Devices", "host", "Versions", "torch", "no surface texture"):
         assert needle in page, needle
     # stages the rerun found up to date still show the time they took when they ran
     assert page.count("up to date") == 4 and "stage times add up to" in page
