@@ -214,3 +214,18 @@ def test_arm64_emulated_gives_the_same_image_and_no_latency(trained: tuple[Path,
     for r in rows:
         assert r["numerics_only"] and "fps" not in r and "median_ms" not in r  # emulator timing is never reported
         assert r["psnr_vs_x86"] > (60 if r["precision"] == "fp32" else 45) and r["psnr_vs_torch"] > 45
+
+
+def test_the_sweep_sizes_the_form_of_the_workspace_student(tmp_path: Path) -> None:
+    """The sweep's candidates keep the surface-texture options of the student the workspace trained (none
+    trained: the defaults), and only those: depth, width and size are the sweep's own."""
+    from mg3d.bench.sweep import student_form
+    from mg3d.workspace import Workspace
+
+    ws = Workspace(tmp_path / "ws")
+    assert student_form(ws) == {}
+    config = {"depth": 8, "width": 64, "surface": "on", "detail": 4, "occupancy": 128, "head_layers": 1, "steps": 10}
+    with ws.begin("student", config, {}) as run_:
+        (run_.path / "student.json").write_text("{}")
+        run_.outputs.update({"spec": "student.json"})
+    assert student_form(ws) == {"surface": "on", "detail": 4, "occupancy": 128, "head_layers": 1}
