@@ -45,7 +45,10 @@ def student_form(workspace: Workspace) -> dict[str, Any]:
     from mg3d.student import SURFACE_OPTIONS
 
     config = (workspace.manifest("student") or {}).get("config") or {}
-    return {k: config[k] for k in ("surface", "head_layers", "head_width", *SURFACE_OPTIONS) if k in config}
+    form = {k: config[k] for k in ("surface", "head_layers", "head_width", *SURFACE_OPTIONS) if k in config}
+    if "surface" not in form and form.get("detail"):  # a student from before --surface: its texture was asked for
+        form["surface"] = "on"
+    return form
 
 
 def spec_at(base: Any, depth: int, width: int, long_side: int) -> Any:

@@ -229,3 +229,9 @@ def test_the_sweep_sizes_the_form_of_the_workspace_student(tmp_path: Path) -> No
         (run_.path / "student.json").write_text("{}")
         run_.outputs.update({"spec": "student.json"})
     assert student_form(ws) == {"surface": "on", "detail": 4, "occupancy": 128, "head_layers": 1}
+    # a student trained before --surface existed: a texture it was given stays on, its absence off
+    for detail, surface in ((4, {"surface": "on"}), (0, {})):
+        with ws.begin("student", {"depth": 8, "detail": detail, "head_layers": 0}, {}) as run_:
+            (run_.path / "student.json").write_text("{}")
+            run_.outputs.update({"spec": "student.json"})
+        assert student_form(ws) == {"detail": detail, "head_layers": 0, **surface}
