@@ -29,14 +29,15 @@ def _ints(text: str) -> list[int]:
     return [int(v) for v in str(text).split(",") if v.strip()]
 
 
-def base_spec(workspace: Workspace, sr_factor: int) -> Any:
-    """The student spec the workspace's pseudo data implies (intrinsics, near/far, centre), at its own size."""
+def base_spec(workspace: Workspace, sr_factor: int, form: dict[str, Any]) -> Any:
+    """The student spec the workspace's pseudo data implies (intrinsics, near/far, centre), at its own size,
+    with the texture options ``form`` (:func:`student_form`)."""
     from mg3d.student import StudentConfig
     from mg3d.student.distill import PseudoData
     from mg3d.student.train import build_spec
 
     data = PseudoData(workspace.require("distill", how=f"run mg3d distill {workspace.root} first"))
-    return build_spec(data.meta, StudentConfig(sr_factor=sr_factor, **student_form(workspace)))
+    return build_spec(data.meta, StudentConfig(sr_factor=sr_factor, **form))
 
 
 def student_form(workspace: Workspace) -> dict[str, Any]:
@@ -108,7 +109,8 @@ def sweep(workspace: Workspace, profile: DeviceProfile, config: Any) -> dict[str
     ok, status = reachable(profile)
     if not ok and not config.estimate:
         raise BenchError(f"{profile.name} is not reachable: {status}", hint=f"or sweep on estimated latencies: mg3d bench {workspace.root} --device {profile.name} --sweep --estimate")
-    base = base_spec(workspace, config.sweep_sr_factor)
+    form = student_form(workspace)  # read once: the grid and every trained candidate share it
+    base = base_spec(workspace, config.sweep_sr_factor, form)
     grid = [(d, w, s) for s in _ints(config.sweep_sizes) for d in _ints(config.sweep_depths) for w in _ints(config.sweep_widths)]
     specs = [(d, w, size, spec_at(base, d, w, size)) for d, w, size in grid]
     best_ms: dict[int, tuple[float, bool]] = {}
@@ -137,7 +139,7 @@ def sweep(workspace: Workspace, profile: DeviceProfile, config: Any) -> dict[str
     share = config.sweep_budget_s / len(promising)
     trained = []
     for row in promising:
-        student_config = StudentConfig(depth=row["depth"], width=row["width"], sr_factor=config.sweep_sr_factor, resolution=str(row["long_side"]), **student_form(workspace),
+        student_config = StudentConfig(depth=row["depth"], width=row["width"], sr_factor=config.sweep_sr_factor, resolution=str(row["long_side"]), **form,
                                        steps=1_000_000, max_time_s=share, warmup=50, checkpoint_every=1_000_000, eval_views=config.sweep_eval_views, save_views=0)
         t = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
