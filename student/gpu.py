@@ -227,4 +227,7 @@ def graphed(form: NeLF, pose: Tensor, compile: bool = True, warmup: int = 3) -> 
         graph.replay()
         return out
 
+    # the graph reads the form's weights where they lay at capture: they must live as long as the function (a
+    # caller that dropped its form had the graph read freed memory: an illegal address on an H200, BENCHMARKS.md)
+    render.form = net  # type: ignore[attr-defined]
     return render

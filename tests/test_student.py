@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from conftest import interrupt_at, one_line_error, read_manifest
@@ -657,6 +658,10 @@ def test_surface_choice_follows_the_scene_and_the_pseudo_data() -> None:
     assert "older mg3d" in surface_choice(StudentConfig(), older)[1]
     assert surface_choice(StudentConfig(surface="on"), {**meta, "unbounded": True})[0]
     assert not surface_choice(StudentConfig(surface="off"), meta)[0]
+    # a bare on/off in YAML (a config file, --set student.surface=off) reads as a bool
+    from mg3d.config import resolve_config
+
+    assert [resolve_config(StudentConfig, "student", overrides=yaml.safe_load(f"surface: {v}")).surface for v in ("off", "on", "auto")] == ["off", "on", "auto"]
     on, off = build_spec(meta, StudentConfig()), build_spec(meta, StudentConfig(surface="off"))
     assert (on.detail, on.occupancy, on.march_steps, on.march_box, on.detail_scales, on.detail_product, on.detail_points, on.detail_coarse_once, on.detail_view, on.head_layers) == (
         8, 256, 64, True, 3, True, 3, True, 2, 2)

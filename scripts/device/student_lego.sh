@@ -7,7 +7,9 @@
 #   PARALLEL=1 bash scripts/device/student_lego.sh ...   # the variants side by side on the one GPU
 #
 # Needs the lego-400 data at .gpudata/lego-400 (copy ../shared/data/lego-400 there; .gpudata is in
-# .gitignore and travels with carry=[".gpudata"]). The machine's python3 has torch, onnx, numpy,
+# .gitignore and travels with carry=[".gpudata/lego-400"]). DATASET=FOLDER takes another dataset, or a workspace
+# whose capture stage is done (a real capture, made on the CPU: `mg3d capture VIDEO --out .gpudata/ws-woman`),
+# which is copied and used as it is (its held-out frames are the test views). The machine's python3 has torch, onnx, numpy,
 # PIL, rich, yaml and safetensors; mg3d is installed from this checkout without its dependencies.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -19,11 +21,13 @@ python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$out/
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 ws=/tmp/mg3d-lego
 rm -rf "$ws"
+dataset=${DATASET:-.gpudata/lego-400}
+if [ -f "$dataset/capture/manifest.json" ]; then cp -a "$dataset" "$ws" && from=(); else from=(--dataset "$dataset"); fi
 finish() { tar -czf "${OUT:-/tmp/out}/results.tgz" -C "$out" . ; }
 trap finish EXIT
 # BENCH_ARGS: extra options for every call (a CPU dry run: --preset tiny --teacher-set eval_views=2)
 # shellcheck disable=SC2086
-python3 scripts/bench_student.py "$ws" --dataset .gpudata/lego-400 --phases teacher,distill --teacher-time "$teacher_s" --views "$views" --out "$out" ${BENCH_ARGS:-} 2>&1 | grep --line-buffered -v "━" | tee -a "$out/log.txt"
+python3 scripts/bench_student.py "$ws" "${from[@]}" --phases teacher,distill --teacher-time "$teacher_s" --views "$views" --out "$out" ${BENCH_ARGS:-} 2>&1 | grep --line-buffered -v "━" | tee -a "$out/log.txt"
 # PARALLEL=1 trains the variants at the same time on the one GPU (each gets part of it: a conservative figure
 # for each, and several in one call); otherwise one after the other
 for variant in "$@"; do  # "tag:args" trains and evaluates; "tag+speed:args" also times student vs teacher
