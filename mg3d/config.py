@@ -31,6 +31,12 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(config)))
 
 
+def switch(default: str) -> Any:
+    """A dataclass field for an auto/on/off option: YAML 1.1 reads a bare on/off as a bool, which
+    :func:`config_from_dict` takes back as "on"/"off" for such fields (and only for them)."""
+    return dataclasses.field(default=default, metadata={"switch": True})
+
+
 def config_from_dict(cls: type[C], values: dict[str, Any], source: str = "config") -> C:
     """Build ``cls`` from ``values``, refusing unknown keys and values of the wrong type.
 
@@ -47,6 +53,7 @@ def config_from_dict(cls: type[C], values: dict[str, Any], source: str = "config
             hint=f"valid options: {', '.join(fields)}",
         )
     hints = typing.get_type_hints(cls)
+    values = {name: ("on" if value else "off") if isinstance(value, bool) and fields[name].metadata.get("switch") else value for name, value in values.items()}
     checked = {name: _check_type(name, value, hints[name], source) for name, value in values.items()}
     try:
         return cls(**checked)

@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from mg3d.config import config_to_dict
+from mg3d.config import config_to_dict, switch
 from mg3d.errors import ConfigError
 from mg3d.workspace import Workspace, sha256_file
 
@@ -39,7 +39,7 @@ class StudentConfig:
     # The per-pixel surface texture (``surface``) and its form. The defaults are the best lego student measured
     # (BENCHMARKS.md): 3-scale product planes of 8 channels read at 3 points, a 64-step march through the box of
     # a 256-cell occupancy grid, the viewing direction and a 2x64 per-pixel head.
-    surface: str | bool = "auto"  # auto: on for bounded scenes (RGBA data) whose pseudo views hold the teacher's surface distances, off for unbounded captures; on; off (MobileR2L's student); a bool (YAML's bare on/off) is taken as on/off
+    surface: str = switch("auto")  # auto: on for bounded scenes (RGBA data) whose pseudo views hold the teacher's surface distances, off for unbounded captures; on; off (MobileR2L's student)
     detail: int = 8  # channels of the surface-texture planes (0: no texture, as --surface off)
     detail_resolution: int = 512  # cells per side of each detail plane
     depth_weight: float = 0.1  # weight of the L1 loss between the detail branch's depth and the teacher's (fraction of the sample range)
@@ -70,7 +70,7 @@ class StudentConfig:
     finetune_fraction: float = 0.1  # the last part of training mixes in the real training images
     finetune_real: float = 0.5  # share of each batch that is real images during that part
     mixed_precision: bool = True  # bf16 autocast and channels-last on CUDA
-    compile: str = "off"  # torch.compile the network for training: on, off, auto (on CUDA); ~5% faster after ~40 s of compiling
+    compile: str = switch("off")  # torch.compile the network for training: on, off, auto (on CUDA); ~5% faster after ~40 s of compiling
     checkpoint_every: int = 1000
     eval_views: int = 0  # held-out views to evaluate (0: all)
     save_views: int = 4  # side-by-side PNGs to write
@@ -91,8 +91,6 @@ class StudentConfig:
                 raise ConfigError(f"{name} must not be negative")
         if self.head_layers < -1:
             raise ConfigError(f"head_layers {self.head_layers} is out of range", hint="use 0 or more, or -1 (2 with the surface texture, 0 without)")
-        if isinstance(self.surface, bool):  # `surface: off` in a YAML file or --set: YAML 1.1 reads on/off as booleans
-            object.__setattr__(self, "surface", "on" if self.surface else "off")  # (a frozen dataclass)
         if self.surface not in ("auto", "on", "off"):
             raise ConfigError(f"surface {self.surface!r} is unknown", hint="use auto, on or off")
         if self.compile not in ("auto", "on", "off"):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mg3d.config import config_to_dict
+from mg3d.config import config_to_dict, switch
 from mg3d.errors import ConfigError, DatasetError
 from mg3d.workspace import Workspace, sha256_file
 
@@ -55,7 +55,7 @@ class TeacherConfig:
     random_background: bool = True  # RGBA data: composite on random colours while training
     downscale: int = 1
     mixed_precision: bool = True  # bf16 autocast on CUDA
-    compile: str = "auto"  # torch.compile the hash encoding and the march: auto (on CUDA), on, off
+    compile: str = switch("auto")  # torch.compile the hash encoding and the march: auto (on CUDA), on, off
     checkpoint_every: int = 1000
     eval_views: int = 0  # held-out views to evaluate (0: all)
     save_views: int = 4  # side-by-side PNGs to write
