@@ -218,8 +218,8 @@ class Workspace:
     def begin(self, stage: str, config: dict[str, Any], inputs: dict[str, Any], resumable: bool = False) -> StageRun:
         """Start writing a stage; use as a context manager (see :class:`StageRun`).
 
-        A ``resumable`` stage keeps its partial folder when it fails or is interrupted, and finds it
-        again next time (its checkpoints are there); other stages start from an empty folder.
+        A ``resumable`` stage keeps its partial folder when it fails or is interrupted after writing to it,
+        and finds it again next time (its checkpoints are there); other stages start from an empty folder.
         """
         def leftovers(p: Path) -> bool:  # what an unfinished stage leaves: WS/.x.partial, WS/edit/.y.partial
             if p.name.startswith(".") and p.name.endswith((".partial", ".old")):
@@ -252,8 +252,8 @@ class StageRun:
     Inside the ``with`` block, write files under ``run.path`` and put numbers into ``run.metrics`` and the
     key files' relative paths into ``run.outputs``. On success the manifest is written and the folder
     becomes ``WS/<stage>/`` (replacing an older result); on any exception the partial folder is removed
-    (kept, for a resumable stage), the older result is kept, and a workspace folder this run created is
-    removed again.
+    (kept, for a resumable stage that wrote something to resume from), the older result is kept, and a
+    workspace folder this run created is removed again.
     """
 
     def __init__(self, workspace: Workspace, stage: str, config: dict[str, Any], inputs: dict[str, Any], resumable: bool = False) -> None:
@@ -284,7 +284,7 @@ class StageRun:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         if exc_type is not None:
-            if self.resumable:
+            if self.resumable and self.path.is_dir() and any(p.is_file() for p in self.path.rglob("*")):
                 return  # keep the checkpoints for the next run; no manifest, so it is not "done"
             shutil.rmtree(self.path, ignore_errors=True)
             root = self.workspace.root

@@ -257,6 +257,13 @@ class PseudoData:
         self.offsets = np.cumsum([0] + [len(s) for s in self.shards])
         if self.offsets[-1] != len(self.cameras):
             raise StudentError(f"the pseudo data in {folder} has {self.offsets[-1]} images for {len(self.cameras)} cameras", hint="redo it with mg3d distill WS --force")
+        cams = self.cameras
+        if cams.ndim != 3 or cams.shape[1:] != (4, 4) or not np.issubdtype(cams.dtype, np.floating):
+            raise StudentError(f"the pseudo data in {folder} holds cameras of {cams.dtype} {list(cams.shape)}, not [N, 4, 4] poses", hint="redo it with mg3d distill WS --force")
+        bad = ~np.isfinite(cams).all(axis=(1, 2))
+        if bad.any():  # training would end in a "divergence" with the hint to lower the learning rate
+            raise StudentError(f"the pseudo data in {folder} has {int(bad.sum())} camera(s) with NaN or infinite entries (the first: view {int(np.argmax(bad))})",
+                               hint="redo it with mg3d distill WS --force")
 
     def __len__(self) -> int:
         return int(self.offsets[-1])

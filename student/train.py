@@ -284,7 +284,8 @@ def train(
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and config.mixed_precision)
     generator = torch.Generator()
     n = len(data)
-    flag = torch.zeros(1, device=device)
+    flag = torch.zeros(1, device=device)  # under DDP: what the processes agree on (:func:`_all_max`)
+    agreed: float | None = None  # under DDP with a time limit: the share of it the slowest process has used
 
     bar = progress() if rank == 0 else None
     task = None
@@ -299,13 +300,13 @@ def train(
         while step < config.steps:
             done = step / config.steps
             if config.max_time_s:
-                done = max(done, (time.perf_counter() - t_start) / config.max_time_s)
-            if world > 1:  # every process must agree on the schedule and on when to stop
-                import torch.distributed as dist
-
-                flag.fill_(done)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                done = float(flag.item())
+                timed = (time.perf_counter() - t_start) / config.max_time_s
+                if world > 1:  # every process must agree on the schedule and on when to stop: the slowest clock,
+                    # every 16 steps (a wait for the GPU at each step would cost it its queue of kernels)
+                    if step % 16 == 0 or agreed is None:
+                        agreed = _all_max(flag, timed)
+                    timed = agreed
+                done = max(done, timed)
             if config.max_time_s and done >= 1.0:
                 break
             generator.manual_seed((config.seed * 1_000_003 + rank) * 1_000_003 + step)  # resumable, distinct per rank
@@ -344,17 +345,22 @@ def train(
             images_seen += config.batch
             if step % 16 == 0 or step == config.steps or step % config.checkpoint_every == 0:
                 loss_value = loss.item()
+                if world > 1:  # all stop together, before rank 0 checkpoints weights that another process's loss spoilt
+                    loss_value = float("nan") if _all_max(flag, not math.isfinite(loss_value)) else loss_value
                 check_finite(loss_value, step, last_good, config.lr, StudentError)
                 if bar is not None:
                     bar.update(task, completed=step, loss=loss_value, psnr=-10 * math.log10(max(loss_value, 1e-10)))
-            if step % config.checkpoint_every == 0 and step < config.steps and rank == 0:
-                save_checkpoint(folder, model, optimizer, {"key": key, "step": step, "elapsed_s": time.perf_counter() - t_start})
-                last_good = step
+            if step % config.checkpoint_every == 0 and step < config.steps:
+                if rank == 0:
+                    save_checkpoint(folder, model, optimizer, {"key": key, "step": step, "elapsed_s": time.perf_counter() - t_start})
+                last_good = step  # on every process: any may be the one to report a divergence
     finally:
         if bar is not None:
             bar.stop()
     if images_seen and math.isnan(loss_value):  # a run shorter than the 16 steps between reads of the loss
         loss_value = loss.item()
+        if world > 1:
+            loss_value = float("nan") if _all_max(flag, not math.isfinite(loss_value)) else loss_value
         check_finite(loss_value, step, last_good, config.lr, StudentError)
     train_time = time.perf_counter() - t_start
     return {
@@ -367,3 +373,12 @@ def train(
         "pseudo_views": n,
         "pseudo_on_device": preload,
     }
+
+
+def _all_max(flag: Tensor, value: float) -> float:
+    """Under DDP: the largest of every process's ``value`` (every process calls this at the same steps)."""
+    import torch.distributed as dist
+
+    flag.fill_(float(value))
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return float(flag.item())

@@ -801,6 +801,64 @@ def test_ddp_with_two_gloo_processes(ws: Path) -> None:
     assert np.isfinite(manifest["metrics"]["final_loss"]) and manifest["metrics"]["psnr"] > 8
 
 
+def test_ddp_time_limit_stops_every_process_at_the_same_step(ws: Path) -> None:
+    """With --max-time-s the processes agree every 16 steps on the slowest clock: they stop at the same step
+    (one that stopped alone would leave the other waiting in DDP's all-reduce until torchrun killed it)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mg3d",
+           "student", str(ws), *SHORT, "--steps", "100000", "--max-time-s", "6"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    metrics = read_manifest(ws, "student")["metrics"]
+    assert metrics["world_size"] == 2 and 16 < metrics["steps"] < 100000
+    assert 6 <= metrics["train_time_s"] < 30
+
+def test_ddp_divergence_on_one_process_stops_every_process_before_a_spoilt_checkpoint(ws: Path, tmp_path: Path) -> None:
+    """Under torchrun, the loss of one process alone turns NaN at a step where the loss is read and a checkpoint
+    is due. DDP averages the NaN gradients into every process's weights, so rank 0 (whose own loss is finite)
+    must not save them: every process stops with the one-line divergence error and the step-16 checkpoint stays."""
+    script = tmp_path / "diverge.py"
+    script.write_text(
+        "import os\n"
+        "from mg3d.cli import main\n"
+        "from mg3d.student.model import NeLF\n"
+        "real, calls = NeLF.forward, [0]\n"
+        "def poisoned(self, *args, **kwargs):  # rank 1's 32nd step\n"
+        "    calls[0] += 1\n"
+        "    out = real(self, *args, **kwargs)\n"
+        "    return out * float('nan') if os.environ['RANK'] == '1' and calls[0] == 32 else out\n"
+        "NeLF.forward = poisoned\n"
+        "main(prog_name='mg3d')\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           "student", str(ws), *SHORT, "--steps", "80", "--checkpoint-every", "16"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    output = done.stdout + done.stderr
+    assert done.returncode != 0, output[-3000:]
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and all("diverged" in e and "step 32" in e and "(step 16)" in e for e in errors), output[-3000:]
+    assert json.loads((ws / ".student.partial" / "checkpoint.json").read_text())["step"] == 16
+    from safetensors.numpy import load_file
+
+    weights = load_file(ws / ".student.partial" / "checkpoint.safetensors")
+    assert weights and all(np.isfinite(v).all() for v in weights.values() if v.dtype.kind == "f")
+    assert not (ws / "student").exists()
+
+
+def test_pseudo_data_with_a_broken_camera_is_refused(ws: Path, cli) -> None:
+    """A NaN in one stored pose would end training as a "divergence" with the advice to lower the learning rate."""
+    cameras = np.load(ws / "distill" / "cameras.npy")
+    cameras[5, 0, 3] = np.nan
+    np.save(ws / "distill" / "cameras.npy", cameras)
+    result = cli("student", ws, *SHORT, "--steps", "10")
+    assert result.exit_code == 1
+    one_line_error(result, "1 camera(s)", "view 5", "mg3d distill WS --force")
+    assert not (ws / "student").exists() and not (ws / ".student.partial").exists()
+    np.save(ws / "distill" / "cameras.npy", cameras[:, :3])  # [N, 3, 4]: not poses
+    one_line_error(cli("student", ws, *SHORT, "--steps", "10"), "not [N, 4, 4] poses")
+
+
 @pytest.mark.parametrize("command", ["distill", "student"])
 def test_every_config_field_is_an_option(command: str, cli) -> None:
     import dataclasses

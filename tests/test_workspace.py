@@ -48,6 +48,20 @@ def test_failed_stage_leaves_previous_result_and_no_partial(tmp_path: Path) -> N
     assert ws.partial_stages() == [] and not list((tmp_path / "ws").glob(".*"))
 
 
+def test_failed_resumable_stage_keeps_its_partial_only_with_something_to_resume(tmp_path: Path) -> None:
+    ws = Workspace(tmp_path / "ws")
+    _write_stage(ws, "ok")
+    with pytest.raises(RuntimeError):  # failed before its first checkpoint: nothing to resume, nothing left
+        with ws.begin("teacher", {}, {}, resumable=True):
+            raise RuntimeError("bad input")
+    assert ws.partial_stages() == [] and not (tmp_path / "ws" / ".teacher.partial").exists()
+    with pytest.raises(RuntimeError):
+        with ws.begin("teacher", {}, {}, resumable=True) as run:
+            (run.path / "checkpoint.json").write_text("{}")
+            raise RuntimeError("diverged")
+    assert ws.partial_stages() == ["teacher"] and (tmp_path / "ws" / ".teacher.partial" / "checkpoint.json").is_file()
+
+
 def test_interrupted_first_stage_removes_the_workspace_it_created(tmp_path: Path) -> None:
     ws = Workspace(tmp_path / "new-ws")
     with pytest.raises(KeyboardInterrupt):
