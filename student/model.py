@@ -201,13 +201,12 @@ def grid_directions(spec: StudentSpec, intrinsics: Tensor | None = None, step: i
     sr_factor: the low-resolution grid; 1: every output pixel)."""
     s = spec.sr_factor if step is None else step
     gw, gh = spec.width_px // s, spec.height_px // s
-    v, u = torch.meshgrid(torch.arange(gh, dtype=torch.float32), torch.arange(gw, dtype=torch.float32), indexing="ij")
+    # made where the intrinsics are: a copy from the host at every training step with photos (a full-size grid
+    # for the surface texture) would make the CPU wait for the GPU each time
+    device = None if intrinsics is None else intrinsics.device
+    v, u = torch.meshgrid(torch.arange(gh, dtype=torch.float32, device=device), torch.arange(gw, dtype=torch.float32, device=device), indexing="ij")
     u, v = (u.reshape(-1) + 0.5) * s, (v.reshape(-1) + 0.5) * s  # block centres in output pixels
-    if intrinsics is None:
-        k = torch.tensor([[spec.fx, spec.fy, spec.cx, spec.cy]], dtype=torch.float32)
-    else:
-        k = intrinsics.float()
-        u, v = u.to(k.device), v.to(k.device)
+    k = torch.tensor([[spec.fx, spec.fy, spec.cx, spec.cy]], dtype=torch.float32) if intrinsics is None else intrinsics.float()
     fx, fy, cx, cy = (k[:, i : i + 1] for i in range(4))  # [B, 1]
     d = torch.stack([(u - cx) / fx, -(v - cy) / fy, -torch.ones_like(fx * u)], 1)  # [B, 3, P]
     d = d / d.norm(dim=1, keepdim=True)

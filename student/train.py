@@ -312,16 +312,17 @@ def train(
             generator.manual_seed((config.seed * 1_000_003 + rank) * 1_000_003 + step)  # resumable, distinct per rank
             n_real = int(round(config.batch * config.finetune_real)) if real is not None and done >= 1 - config.finetune_fraction else 0
             idx = torch.randint(n, (config.batch - n_real,), generator=generator)
-            images = pseudo[idx.to(device)] if pseudo is not None else torch.from_numpy(data.images(idx.numpy())).to(device)
-            c2w = cameras[idx.to(device)]
+            on = _to_device(idx, device)
+            images = pseudo[on] if pseudo is not None else torch.from_numpy(data.images(idx.numpy())).to(device)
+            c2w = cameras[on]
             target = _as_target(images, spec.height_px, spec.width_px)
             intr = None
-            first = hits[idx.to(hits.device)].to(device) if hits is not None else None
+            first = (hits[idx].to(device) if hits.device.type == "cpu" else hits[on]) if hits is not None else None
             if spec.detail:
-                surface = surfaces[idx.to(device)] if surfaces is not None else torch.from_numpy(data.surface(idx.numpy())).to(device)
+                surface = surfaces[on] if surfaces is not None else torch.from_numpy(data.surface(idx.numpy())).to(device)
                 surface = _as_surface(surface, spec.height_px, spec.width_px)
             if n_real:
-                ridx = torch.randint(len(real_images), (n_real,), generator=generator).to(device)
+                ridx = _to_device(torch.randint(len(real_images), (n_real,), generator=generator), device)
                 target = torch.cat([target, _as_target(real_images[ridx], spec.height_px, spec.width_px)])
                 c2w = torch.cat([c2w, real_c2w[ridx]])
                 intr = torch.cat([baked.expand(config.batch - n_real, 4), real_intr[ridx]])
@@ -373,6 +374,13 @@ def train(
         "pseudo_views": n,
         "pseudo_on_device": preload,
     }
+
+
+def _to_device(x: Tensor, device: torch.device) -> Tensor:
+    """A step's few indices on ``device``. On CUDA through pinned memory, without blocking: a plain copy from
+    the host makes the CPU wait for every kernel queued so far (the last step's backward and optimizer), and
+    the GPU then idles while the next step's kernels are launched."""
+    return x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x.to(device)
 
 
 def _all_max(flag: Tensor, value: float) -> float:

@@ -175,6 +175,7 @@ def test_nested_stage_folders(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError):
         with ws.begin("edit/a", {}, {}, resumable=True) as run_:
             assert run_.path == tmp_path / "ws" / "edit" / ".a.partial"
+            (run_.path / "checkpoint.json").write_text("{}")  # something to resume from: the folder stays
             raise RuntimeError
     assert ws.partial_stages() == ["edit/a"]
     with ws.begin("edit/b", {}, {}) as run_:
