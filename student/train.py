@@ -347,7 +347,7 @@ def train(
             if step % 16 == 0 or step == config.steps or step % config.checkpoint_every == 0:
                 loss_value = loss.item()
                 if world > 1:  # all stop together, before rank 0 checkpoints weights that another process's loss spoilt
-                    loss_value = float("nan") if _all_max(flag, not math.isfinite(loss_value)) else loss_value
+                    loss_value = _agreed_loss(flag, loss_value)
                 check_finite(loss_value, step, last_good, config.lr, StudentError)
                 if bar is not None:
                     bar.update(task, completed=step, loss=loss_value, psnr=-10 * math.log10(max(loss_value, 1e-10)))
@@ -361,7 +361,7 @@ def train(
     if images_seen and math.isnan(loss_value):  # a run shorter than the 16 steps between reads of the loss
         loss_value = loss.item()
         if world > 1:
-            loss_value = float("nan") if _all_max(flag, not math.isfinite(loss_value)) else loss_value
+            loss_value = _agreed_loss(flag, loss_value)
         check_finite(loss_value, step, last_good, config.lr, StudentError)
     train_time = time.perf_counter() - t_start
     return {
@@ -374,6 +374,11 @@ def train(
         "pseudo_views": n,
         "pseudo_on_device": preload,
     }
+
+
+def _agreed_loss(flag: Tensor, loss: float) -> float:
+    """Under DDP: NaN when any process's loss is not finite, else this process's ``loss``."""
+    return float("nan") if _all_max(flag, not math.isfinite(loss)) else loss
 
 
 def _to_device(x: Tensor, device: torch.device) -> Tensor:

@@ -788,12 +788,17 @@ def test_out_of_memory_names_the_settings_to_lower(ws: Path, cli, monkeypatch: p
     one_line_error(result, "does not fit", "--batch", "--resolution")
 
 
+def _torchrun(ws: Path, *args: str, script: Path | None = None) -> subprocess.CompletedProcess:
+    """``mg3d student WS --preset tiny ...`` (or ``script`` with those arguments) as two gloo processes under torchrun."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    entry = [str(script)] if script else ["-m", "mg3d"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *entry, "student", str(ws), *SHORT, *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+
 def test_ddp_with_two_gloo_processes(ws: Path) -> None:
     """torchrun with two CPU processes (gloo) through the normal entry point."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mg3d",
-           "student", str(ws), *SHORT, "--steps", "40", "--checkpoint-every", "20"]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    done = _torchrun(ws, "--steps", "40", "--checkpoint-every", "20")
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     manifest = read_manifest(ws, "student")
     assert manifest["metrics"]["world_size"] == 2 and manifest["metrics"]["steps"] == 40
@@ -804,10 +809,7 @@ def test_ddp_with_two_gloo_processes(ws: Path) -> None:
 def test_ddp_time_limit_stops_every_process_at_the_same_step(ws: Path) -> None:
     """With --max-time-s the processes agree every 16 steps on the slowest clock: they stop at the same step
     (one that stopped alone would leave the other waiting in DDP's all-reduce until torchrun killed it)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mg3d",
-           "student", str(ws), *SHORT, "--steps", "100000", "--max-time-s", "6"]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    done = _torchrun(ws, "--steps", "100000", "--max-time-s", "6")
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     metrics = read_manifest(ws, "student")["metrics"]
     assert metrics["world_size"] == 2 and 16 < metrics["steps"] < 100000
@@ -830,10 +832,7 @@ def test_ddp_divergence_on_one_process_stops_every_process_before_a_spoilt_check
         "NeLF.forward = poisoned\n"
         "main(prog_name='mg3d')\n"
     )
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-           "student", str(ws), *SHORT, "--steps", "80", "--checkpoint-every", "16"]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    done = _torchrun(ws, "--steps", "80", "--checkpoint-every", "16", script=script)
     output = done.stdout + done.stderr
     assert done.returncode != 0, output[-3000:]
     errors = [line for line in output.splitlines() if line.startswith("error:")]
