@@ -27,7 +27,8 @@ def distributed() -> tuple[int, int]:
 
 
 def setup_device(name: str) -> torch.device:
-    """The training device; under torchrun also joins the process group (NCCL on GPUs, gloo on CPU)."""
+    """The training device; under torchrun also joins the process group (NCCL on GPUs, gloo on CPU;
+    ``MG3D_DIST_BACKEND`` names another, for example gloo for several processes on one GPU)."""
     from mg3d.teacher import _device
 
     device = _device(name)
@@ -35,11 +36,16 @@ def setup_device(name: str) -> torch.device:
     if world > 1:
         import torch.distributed as dist
 
+        backend = os.environ.get("MG3D_DIST_BACKEND") or ("nccl" if device.type == "cuda" else "gloo")
         if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            gpus, local = torch.cuda.device_count(), int(os.environ.get("LOCAL_WORLD_SIZE", world))
+            if backend == "nccl" and local > gpus:
+                raise StudentError(f"torchrun started {local} processes on this host, which has {gpus} GPU(s): NCCL needs a GPU for each process",
+                                   hint=f"run torchrun --nproc_per_node {gpus} (or set MG3D_DIST_BACKEND=gloo to share GPUs, slower)")
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % gpus)  # gloo may share a GPU
             torch.cuda.set_device(device)
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            dist.init_process_group(backend)
     return device
 
 

@@ -967,3 +967,21 @@ def test_occupancy_makes_depth_right_at_occlusion_edges(tmp_path: Path) -> None:
             pred = model(torch.from_numpy(test_c2w)).permute(0, 2, 3, 1).numpy()
         scores[occupancy] = -10 * np.log10(np.mean((pred - test_images) ** 2))
     assert scores[r] > scores[0] + 1.5, scores  # measured: 13.85 vs 16.22 dB
+
+
+def test_more_processes_than_gpus_under_nccl_is_refused(ws: Path, cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchrun with more processes than the host has GPUs: NCCL would fail deep in its first all-reduce
+    ("duplicate GPU"); mg3d says what to run instead before it writes anything."""
+    import torch
+
+    import mg3d.teacher
+
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("MG3D_DIST_BACKEND", raising=False)
+    monkeypatch.setattr(mg3d.teacher, "_device", lambda name: torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    result = cli("student", ws, *SHORT, "--steps", "10")
+    assert result.exit_code == 1
+    one_line_error(result, "2 processes", "1 GPU(s)", "--nproc_per_node 1", "MG3D_DIST_BACKEND=gloo")
+    assert not (ws / "student").exists() and not (ws / ".student.partial").exists()

@@ -9,22 +9,12 @@
 # Needs the lego-400 data at .gpudata/lego-400 (copy ../shared/data/lego-400 there; .gpudata is in
 # .gitignore and travels with carry=[".gpudata/lego-400"]). DATASET=FOLDER takes another dataset, or a workspace
 # whose capture stage is done (a real capture, made on the CPU: `mg3d capture VIDEO --out .gpudata/ws-woman`),
-# which is copied and used as it is (its held-out frames are the test views). The machine's python3 has torch, onnx, numpy,
-# PIL, rich, yaml and safetensors; mg3d is installed from this checkout without its dependencies.
-set -uo pipefail
-export PYTHONUNBUFFERED=1
+# which is copied and used as it is (its held-out frames are the test views). The start is common.sh's.
+ws=/tmp/mg3d-lego
+# shellcheck source=scripts/device/common.sh
+. "$(dirname "$0")/common.sh"
 teacher_s=$1 views=$2 student_s=$3
 shift 3
-out=${OUT:-/tmp/out}/r
-mkdir -p "$out"
-python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$out/install.log" 2>&1 || { cat "$out/install.log"; exit 1; }
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
-ws=/tmp/mg3d-lego
-rm -rf "$ws"
-dataset=${DATASET:-.gpudata/lego-400}
-if [ -f "$dataset/capture/manifest.json" ]; then cp -a "$dataset" "$ws" && from=(); else from=(--dataset "$dataset"); fi
-finish() { tar -czf "${OUT:-/tmp/out}/results.tgz" -C "$out" . ; }
-trap finish EXIT
 # BENCH_ARGS: extra options for every call (a CPU dry run: --preset tiny --teacher-set eval_views=2)
 # shellcheck disable=SC2086
 python3 scripts/bench_student.py "$ws" "${from[@]}" --phases teacher,distill --teacher-time "$teacher_s" --views "$views" --out "$out" ${BENCH_ARGS:-} 2>&1 | grep --line-buffered -v "━" | tee -a "$out/log.txt"
