@@ -20,13 +20,14 @@ from mg3d.errors import Mg3dError
 
 CHECKPOINT = "checkpoint.safetensors"
 CHECKPOINT_META = "checkpoint.json"
+META_KEY = "mg3d.meta"  # the progress, in the safetensors header too
 
 
-def check_finite(loss: float, step: int, last_good: int, lr: float, error: type[Mg3dError] = Mg3dError) -> None:
+def check_finite(loss: float, step: int, last_good: int, lr: float, error: type[Mg3dError] = Mg3dError, what: str = "the loss") -> None:
     """Stop training with a message that names the step, the checkpoint kept and what to change."""
     if not math.isfinite(loss):
         raise error(
-            f"training diverged: the loss became {loss} at step {step}",
+            f"training diverged: {what} became {loss} at step {step}",
             hint=f"the last good checkpoint (step {last_good}) is kept; lower --lr (now {lr}) and run again to resume from it",
         )
 
@@ -57,10 +58,25 @@ def save_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optim
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
     tmp = folder / (CHECKPOINT + ".tmp")
-    save_file(tensors, str(tmp))
+    # ``meta`` also in the tensors' own header: a kill between the two renames below cannot pair these weights
+    # with the previous step (a resume would then run a shifted schedule); checkpoint.json is for people
+    save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)})
     os.replace(tmp, folder / CHECKPOINT)
     (folder / (CHECKPOINT_META + ".tmp")).write_text(json.dumps(meta, indent=1))
     os.replace(folder / (CHECKPOINT_META + ".tmp"), folder / CHECKPOINT_META)
+
+
+def _header_meta(path: Path, required: tuple[str, ...]) -> dict[str, Any] | None:
+    """The progress saved in a checkpoint's safetensors header; None for an older checkpoint without it (or
+    an unreadable header: :func:`load_tensors` then reports the file)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads((f.metadata() or {}).get(META_KEY, "null"))
+    except (SafetensorError, OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) and all(k in meta for k in required) else None
 
 
 def load_checkpoint(
@@ -80,6 +96,7 @@ def load_checkpoint(
             raise ValueError
     except ValueError:  # also JSONDecodeError and UnicodeDecodeError
         raise error(f"checkpoint {meta_path} is corrupt", hint="delete it, or run with --force to start over") from None
+    meta = _header_meta(folder / CHECKPOINT, required) or meta  # the one written with these weights
     if meta.get("key") != key:
         return None
     tensors = load_tensors(folder / CHECKPOINT, error)

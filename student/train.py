@@ -201,25 +201,21 @@ def train_stage(workspace: Workspace, config: Any, out: Path, key: str, run_: An
     occupied = bake_occupancy(model, workspace.stage_dir(source), device) if spec.occupancy else None
     try:
         metrics = train(model, data, real, config, out, key, device, rank, world)
-        if world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()  # no process tears gloo down while another still talks to it (that aborted 1 run in 5)
     except torch.cuda.OutOfMemoryError:
         raise StudentError(
             f"the student ({spec.depth} blocks x {spec.width}, {spec.width_px}x{spec.height_px}, batch {config.batch}) does not fit in the GPU's memory",
             hint=f"lower --batch (now {config.batch}), --width or --resolution",
         ) from None
-    finally:
-        if world > 1:
-            import torch.distributed as dist
+    # after a failure the process exits without tearing the group down: under NCCL that can hang while another
+    # process still waits in a collective, and torchrun stops the others once this one has exited
+    if world > 1:
+        import torch.distributed as dist
 
-            dist.destroy_process_group()
+        dist.barrier()  # no process tears gloo down while another still talks to it (that aborted 1 run in 5)
+        dist.destroy_process_group()
     if rank != 0:
         return metrics
     model.save(out, extra={"distill": {k: data.meta[k] for k in ("kind", "near", "far", "unbounded", "background")}})
-    for name in (CHECKPOINT, CHECKPOINT_META):
-        (out / name).unlink(missing_ok=True)
     metrics.update({
         "parameters": parameter_count(model), "size_mb_fp16": round(parameter_count(model) * 2 / 1e6, 2),
         "gmacs_per_frame": round(macs_per_frame(spec) / 1e9, 3), "resolution": [spec.width_px, spec.height_px],
@@ -232,12 +228,14 @@ def train_stage(workspace: Workspace, config: Any, out: Path, key: str, run_: An
     eval_split = next((s for s in ("test", "val") if len(scene.splits.get(s, [])) > 0), None)
     if eval_split is None:
         console.print("[yellow]note:[/] the capture has no held-out views; PSNR/SSIM are not measured")
-        return metrics
-    metrics.update(evaluate(model, workspace, scene, scene.splits[eval_split], config, out / "renders", with_teacher))
-    if source != "teacher":  # held-out photos show the scene before the edit; the edited teacher is the reference
-        metrics["field"] = source
-        metrics["psnr_note"] = "psnr/ssim compare with the unedited photos; psnr_vs_teacher with the edited field"
-    metrics["eval_split"] = eval_split
+    else:
+        metrics.update(evaluate(model, workspace, scene, scene.splits[eval_split], config, out / "renders", with_teacher))
+        if source != "teacher":  # held-out photos show the scene before the edit; the edited teacher is the reference
+            metrics["field"] = source
+            metrics["psnr_note"] = "psnr/ssim compare with the unedited photos; psnr_vs_teacher with the edited field"
+        metrics["eval_split"] = eval_split
+    for name in (CHECKPOINT, CHECKPOINT_META):  # only now: a failed evaluation leaves the last checkpoint to resume from
+        (out / name).unlink(missing_ok=True)
     return metrics
 
 
@@ -259,17 +257,25 @@ def train(
     if planes:  # the feature planes: a higher rate and no weight decay, like a hash table
         groups.append({"params": planes, "lr": config.plane_lr, "base_lr": config.plane_lr, "weight_decay": 0.0})
     optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.99), weight_decay=config.weight_decay, fused=cuda or None)  # fused: a few kernels per step on CUDA
+    flag = torch.zeros(1, device=device)  # under DDP: what the processes agree on (:func:`_all_max`)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()  # rank 0 has removed a stale partial folder (--force) before any process reads it
     meta = load_checkpoint(folder, model, optimizer, key, StudentError, required=("key", "step", "elapsed_s"))
     step, elapsed = (meta["step"], meta["elapsed_s"]) if meta else (0, 0.0)
+    if world > 1:  # every process has read the checkpoint before rank 0 may write one, and all read the same one
+        latest, earliest = _all_max(flag, step), -_all_max(flag, -step)
+        if latest != earliest:  # say, nodes that do not share the workspace folder
+            raise StudentError(f"the {world} processes found different checkpoints in {folder} (steps {earliest:.0f} to {latest:.0f})",
+                               hint="give every process the same workspace folder, or start over with --force")
     for group, base in zip(optimizer.param_groups, (config.lr, config.plane_lr)):
         group["base_lr"] = base  # a resumed run takes the rates given now (a checkpoint restores its own)
     last_good = step
     net: torch.nn.Module = model
     if world > 1:
-        import torch.distributed as dist
         from torch.nn.parallel import DistributedDataParallel
 
-        dist.barrier()  # every process has read the checkpoint before rank 0 may write a new one
         net = DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
     if config.compile == "on" or (config.compile == "auto" and cuda):
         net = torch.compile(net)  # fuses the GELUs and residual adds; same weights, same maths
@@ -290,7 +296,6 @@ def train(
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and config.mixed_precision)
     generator = torch.Generator()
     n = len(data)
-    flag = torch.zeros(1, device=device)  # under DDP: what the processes agree on (:func:`_all_max`)
     agreed: float | None = None  # under DDP with a time limit: the share of it the slowest process has used
 
     bar = progress() if rank == 0 else None
@@ -358,17 +363,19 @@ def train(
                 if bar is not None:
                     bar.update(task, completed=step, loss=loss_value, psnr=-10 * math.log10(max(loss_value, 1e-10)))
             if step % config.checkpoint_every == 0 and step < config.steps:
+                _check_weights(model, step, last_good, config.lr)  # an inf gradient spoils the weights, not the loss read before it
                 if rank == 0:
                     save_checkpoint(folder, model, optimizer, {"key": key, "step": step, "elapsed_s": time.perf_counter() - t_start})
                 last_good = step  # on every process: any may be the one to report a divergence
     finally:
         if bar is not None:
             bar.stop()
-    if images_seen and math.isnan(loss_value):  # a run shorter than the 16 steps between reads of the loss
+    if images_seen:  # the last step's loss (a time limit stops between the reads, every 16 steps) and weights
         loss_value = loss.item()
         if world > 1:
             loss_value = _agreed_loss(flag, loss_value)
         check_finite(loss_value, step, last_good, config.lr, StudentError)
+        _check_weights(model, step, last_good, config.lr)
     train_time = time.perf_counter() - t_start
     return {
         "steps": step,
@@ -380,6 +387,13 @@ def train(
         "pseudo_views": n,
         "pseudo_on_device": preload,
     }
+
+
+def _check_weights(model: torch.nn.Module, step: int, last_good: int, lr: float) -> None:
+    """The divergence error when a weight is NaN or infinite (under DDP every process holds the same weights,
+    so each finds the same answer without talking to the others)."""
+    finite = torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()
+    check_finite(0.0 if bool(finite) else float("nan"), step, last_good, lr, StudentError, what="a weight")
 
 
 def _agreed_loss(flag: Tensor, loss: float) -> float:

@@ -774,6 +774,77 @@ def test_divergence_stops_and_keeps_the_good_checkpoint(ws: Path, cli, monkeypat
     assert not (ws / "student").exists()
 
 
+def test_weights_spoilt_with_a_finite_loss_stop_before_the_checkpoint(ws: Path, cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An infinite gradient makes NaN weights while the loss read at that step (from before the update) is
+    still finite: the weights are checked before a checkpoint is written, so no spoilt one is kept."""
+    import torch
+
+    real, calls = torch.optim.AdamW.step, [0]
+
+    def spoiling(self, *args, **kwargs):
+        calls[0] += 1
+        out = real(self, *args, **kwargs)
+        if calls[0] == 40:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spoiling)
+    result = cli("student", ws, *SHORT, "--steps", "80", "--checkpoint-every", "20")
+    assert result.exit_code == 1
+    one_line_error(result, "diverged", "a weight became nan at step 40", "(step 20)")
+    assert json.loads((ws / ".student.partial" / "checkpoint.json").read_text())["step"] == 20
+    assert not (ws / "student").exists()
+
+
+def test_a_failed_evaluation_keeps_the_checkpoint_to_resume_from(ws: Path, cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Training done, weights saved, then the evaluation fails: the next run resumes from the last checkpoint
+    instead of training from step 0 again."""
+    import mg3d.student.evaluate
+    from mg3d.student.model import StudentError
+
+    def failing(*args, **kwargs):
+        raise StudentError("the evaluation failed")
+
+    args = ("student", ws, *SHORT, "--steps", "50", "--checkpoint-every", "20")
+    with monkeypatch.context() as patch:
+        patch.setattr(mg3d.student.evaluate, "evaluate", failing)
+        result = cli(*args)
+    assert result.exit_code == 1
+    one_line_error(result, "the evaluation failed")
+    assert json.loads((ws / ".student.partial" / "checkpoint.json").read_text())["step"] == 40
+    result = cli(*args)
+    assert result.exit_code == 0, result.output
+    metrics = read_manifest(ws, "student")["metrics"]
+    assert metrics["resumed_from_step"] == 40 and metrics["steps"] == 50 and "psnr" in metrics
+    assert not list((ws / "student").glob("checkpoint*"))
+
+
+def test_checkpoint_progress_travels_with_its_weights(tmp_path: Path) -> None:
+    """A kill between the two renames of a checkpoint leaves new weights beside the previous checkpoint.json:
+    the progress written into the weights' own header wins, so the resumed schedule matches the weights."""
+    import torch
+
+    from mg3d.checkpoint import load_checkpoint, save_checkpoint
+
+    def fresh():
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 2)
+        return model, torch.optim.AdamW(model.parameters())
+
+    model, optimizer = fresh()
+    save_checkpoint(tmp_path, model, optimizer, {"key": "k", "step": 10})
+    old_json = (tmp_path / "checkpoint.json").read_text()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    save_checkpoint(tmp_path, model, optimizer, {"key": "k", "step": 20})
+    (tmp_path / "checkpoint.json").write_text(old_json)  # as if killed between the renames
+    restored, restored_optimizer = fresh()
+    meta = load_checkpoint(tmp_path, restored, restored_optimizer, "k")
+    assert meta is not None and meta["step"] == 20
+    assert torch.equal(restored.weight, model.weight)
+
+
 def test_out_of_memory_names_the_settings_to_lower(ws: Path, cli, monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
@@ -843,6 +914,32 @@ def test_ddp_divergence_on_one_process_stops_every_process_before_a_spoilt_check
     weights = load_file(ws / ".student.partial" / "checkpoint.safetensors")
     assert weights and all(np.isfinite(v).all() for v in weights.values() if v.dtype.kind == "f")
     assert not (ws / "student").exists()
+
+
+def test_ddp_interrupted_run_resumes_on_every_process(ws: Path, tmp_path: Path) -> None:
+    """Both torchrun processes stopped at step 25 (say, a preempted job); the next run resumes every process
+    from rank 0's step-16 checkpoint (they check that they found the same one) and finishes the schedule."""
+    script = tmp_path / "interrupt.py"
+    script.write_text(
+        "from mg3d.cli import main\n"
+        "from mg3d.student.model import NeLF\n"
+        "real, calls = NeLF.forward, [0]\n"
+        "def stopping(self, *args, **kwargs):\n"
+        "    calls[0] += 1\n"
+        "    if calls[0] == 25:\n"
+        "        raise KeyboardInterrupt\n"
+        "    return real(self, *args, **kwargs)\n"
+        "NeLF.forward = stopping\n"
+        "main(prog_name='mg3d')\n"
+    )
+    done = _torchrun(ws, "--steps", "40", "--checkpoint-every", "16", script=script)
+    assert done.returncode != 0 and not (ws / "student").exists(), done.stdout[-2000:] + done.stderr[-3000:]
+    assert json.loads((ws / ".student.partial" / "checkpoint.json").read_text())["step"] == 16
+    done = _torchrun(ws, "--steps", "40", "--checkpoint-every", "16")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    metrics = read_manifest(ws, "student")["metrics"]
+    assert metrics["world_size"] == 2 and metrics["resumed_from_step"] == 16 and metrics["steps"] == 40
+    assert np.isfinite(metrics["final_loss"])
 
 
 def test_pseudo_data_with_a_broken_camera_is_refused(ws: Path, cli) -> None:

@@ -63,7 +63,7 @@ for n in ("1", gpus):
         m = json.loads(path.read_text())["metrics"]
         rows[n] = {k: m.get(k) for k in ("steps", "train_time_s", "images_per_s", "train_psnr", "psnr", "ssim", "psnr_vs_teacher", "teacher_psnr", "psnr_gap_to_teacher", "world_size")}
 rows["shared_gpus"] = (out / "shared.txt").is_file()  # processes shared GPUs through gloo: no scaling figure
-if "1" in rows and gpus in rows and rows["1"]["images_per_s"]:
+if "1" in rows and gpus in rows and rows["1"]["images_per_s"] and not rows["shared_gpus"]:
     rows["scaling"] = round(rows[gpus]["images_per_s"] / rows["1"]["images_per_s"], 3)
 print(json.dumps(rows, indent=1))
 (out / "ddp_summary.json").write_text(json.dumps(rows, indent=1))
