@@ -44,6 +44,11 @@ def setup_device(name: str) -> torch.device:
                                    hint=f"run torchrun --nproc_per_node {gpus} (or set MG3D_DIST_BACKEND=gloo to share GPUs, slower)")
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % gpus)  # gloo may share a GPU
             torch.cuda.set_device(device)
+        if not dist.is_backend_available(backend):  # a typo, or nccl without CUDA: say so before torch's own traceback
+            usable = ", ".join(b for b in ("gloo", "nccl", "mpi", "ucc") if dist.is_backend_available(b))
+            source = "MG3D_DIST_BACKEND" if os.environ.get("MG3D_DIST_BACKEND") else f"the default on {device.type}"
+            raise StudentError(f"the distributed backend {backend!r} ({source}) is not available in this torch",
+                               hint=f"set MG3D_DIST_BACKEND to one of: {usable}, or unset it")
         if not dist.is_initialized():
             dist.init_process_group(backend)
     return device

@@ -1082,3 +1082,16 @@ def test_more_processes_than_gpus_under_nccl_is_refused(ws: Path, cli, monkeypat
     assert result.exit_code == 1
     one_line_error(result, "2 processes", "1 GPU(s)", "--nproc_per_node 1", "MG3D_DIST_BACKEND=gloo")
     assert not (ws / "student").exists() and not (ws / ".student.partial").exists()
+
+
+@pytest.mark.parametrize("backend", ["fast", "nccl"])
+def test_an_unavailable_distributed_backend_is_refused(ws: Path, cli, monkeypatch: pytest.MonkeyPatch, backend: str) -> None:
+    """MG3D_DIST_BACKEND naming a backend this torch lacks (a typo; NCCL on a CPU build) is one line that names
+    the usable ones, before anything is written."""
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("MG3D_DIST_BACKEND", backend)
+    result = cli("student", ws, *SHORT, "--steps", "10", "--device", "cpu")
+    assert result.exit_code == 1
+    one_line_error(result, repr(backend), "MG3D_DIST_BACKEND", "gloo")
+    assert not (ws / "student").exists() and not (ws / ".student.partial").exists()
