@@ -2,9 +2,10 @@
 
 Three feature planes (xy, xz, yz), or a 3-D hash grid, and a small per-pixel decoder are fitted to a
 teacher's renders, read where each pixel's ray meets the teacher's own surface: no student network, no
-depth error. ``--teacher-point`` also scores the teacher's own field colour at that point. The teacher
-renders ``--views`` test cameras; 3 of every 4 are fitted and the 4th scored, on the pixels the teacher
-draws opaque, against its renders. With ``--pseudo WS/distill`` the fit is to the pseudo views the student
+depth error. ``--teacher-point`` also scores the teacher's own field colour at that point, and
+``--teacher-blend N`` counts the points the teacher blends per opaque pixel. The teacher renders ``--views``
+test cameras; 3 of every 4 are fitted and the 4th scored, on the pixels the teacher draws opaque, against
+its renders. With ``--pseudo WS/distill`` the fit is to the pseudo views the student
 trains on (the teacher's renders and surface distances) and every rendered test view is scored. A plane
 layout whose ceiling is near the student's own score limits the student; one far above it does not.
 
@@ -259,6 +260,48 @@ def teacher_point(teacher_dir: Path, test: dict, device: torch.device) -> dict:
     return {"test_pixels": len(test["points"]), "test_psnr_opaque": round(-10 * math.log10(mse), 2), "test_psnr_image": round(-10 * math.log10(mse * test["fraction"]), 2)}
 
 
+@torch.no_grad()
+def teacher_blend(teacher_dir: Path, transforms: Path, views: int, device: torch.device) -> dict:
+    """How many points the teacher blends per pixel, over ``views`` test cameras: the visible samples it
+    colours per opaque ray, and how many of them (heaviest first) carry 90% and 99% of the ray's weight. A
+    student that is to redraw the teacher exactly reads about that many points of teacher-like capacity."""
+    from mg3d.teacher.model import Teacher
+    from mg3d.teacher.rendering import camera_rays, composite
+
+    teacher = Teacher.load(teacher_dir, device).eval()
+    cameras, (fx, fy, cx, cy), w, h = test_cameras(transforms)
+    v, u = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+    u, v = u.reshape(-1).float() + 0.5, v.reshape(-1).float() + 0.5
+    counts: dict[str, list[torch.Tensor]] = {"visible": [], "carry90": [], "carry99": []}
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    for pose in cameras[np.linspace(0, len(cameras) - 1, views).round().astype(int)]:
+        c2w = torch.from_numpy(pose).to(device)[None].expand(len(u), 4, 4)
+        k = [torch.full_like(u, float(x)) for x in (fx, fy, cx, cy)]
+        o, d = camera_rays(c2w, *k, u, v)
+        with autocast:
+            ray, t, dt, sigma, rgb = teacher.march(o, d, color=True)
+        n = len(u)
+        out = composite(ray, sigma.float(), rgb.float(), t, dt, n)
+        opaque = out["opacity"] > 0.5
+        share = out["weights"] / out["opacity"][ray].clamp_min(1e-8)
+        order = torch.argsort(ray.double() * 2 - share.double())  # by ray, heaviest first
+        r, sh = ray[order], share[order]
+        before = torch.cumsum(sh, 0) - sh  # weight share of the heavier samples of the same ray (offset below)
+        start = torch.zeros(n + 1, dtype=before.dtype, device=device)
+        first = torch.ones_like(r, dtype=torch.bool)
+        first[1:] = r[1:] != r[:-1]
+        start[r[first]] = before[first]
+        before = before - start[r]
+        for key, level in (("carry90", 0.9), ("carry99", 0.99)):
+            counts[key].append(torch.bincount(r[before < level], minlength=n)[opaque].float())
+        counts["visible"].append(torch.bincount(ray, minlength=n)[opaque].float())
+    result: dict = {"views": views, "opaque_pixels": int(sum(len(c) for c in counts["visible"]))}
+    for key, parts in counts.items():
+        x = torch.cat(parts)
+        result[key] = {"mean": round(float(x.mean()), 2), "median": float(x.median()), "p90": float(torch.quantile(x[:1 << 24], 0.9))}
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("teacher", type=Path, help="the teacher's folder (teacher.json + teacher.safetensors)")
@@ -275,6 +318,7 @@ def main() -> None:
     parser.add_argument("--pseudo-views", type=int, default=0, help="use the first N pseudo views (0: all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--teacher-point", action="store_true", help="also score the teacher's own colour at the surface point (no fit)")
+    parser.add_argument("--teacher-blend", type=int, default=0, metavar="N", help="also count the points the teacher blends per opaque pixel on N test cameras")
     opts = parser.parse_args()
 
     torch.set_num_threads(opts.threads)
@@ -296,6 +340,8 @@ def main() -> None:
             with opts.out.open("a") as f:
                 f.write(line + "\n")
 
+    if opts.teacher_blend:
+        emit("teacher_blend", teacher_blend(opts.teacher, opts.transforms, opts.teacher_blend, device))
     if opts.teacher_point:
         emit("teacher_point", teacher_point(opts.teacher, test, device))
     for item in opts.variant or ["base:"]:
