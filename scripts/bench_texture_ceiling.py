@@ -266,32 +266,26 @@ def teacher_blend(teacher_dir: Path, transforms: Path, views: int, device: torch
     colours per opaque ray, and how many of them (heaviest first) carry 90% and 99% of the ray's weight. A
     student that is to redraw the teacher exactly reads about that many points of teacher-like capacity."""
     from mg3d.teacher.model import Teacher
-    from mg3d.teacher.rendering import camera_rays, composite
+    from mg3d.teacher.rendering import composite, ray_starts
 
     teacher = Teacher.load(teacher_dir, device).eval()
     cameras, (fx, fy, cx, cy), w, h = test_cameras(transforms)
-    v, u = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
-    u, v = u.reshape(-1).float() + 0.5, v.reshape(-1).float() + 0.5
+    dirs = torch.from_numpy(pixel_directions(fx, fy, cx, cy, w, h)).to(device).reshape(-1, 3)
+    n = len(dirs)
     counts: dict[str, list[torch.Tensor]] = {"visible": [], "carry90": [], "carry99": []}
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     for pose in cameras[np.linspace(0, len(cameras) - 1, views).round().astype(int)]:
-        c2w = torch.from_numpy(pose).to(device)[None].expand(len(u), 4, 4)
-        k = [torch.full_like(u, float(x)) for x in (fx, fy, cx, cy)]
-        o, d = camera_rays(c2w, *k, u, v)
+        c2w = torch.from_numpy(pose).to(device)
+        d = dirs @ c2w[:3, :3].T
         with autocast:
-            ray, t, dt, sigma, rgb = teacher.march(o, d, color=True)
-        n = len(u)
+            ray, t, dt, sigma, rgb = teacher.march(c2w[:3, 3].expand(n, 3), d, color=True)
         out = composite(ray, sigma.float(), rgb.float(), t, dt, n)
         opaque = out["opacity"] > 0.5
         share = out["weights"] / out["opacity"][ray].clamp_min(1e-8)
         order = torch.argsort(ray.double() * 2 - share.double())  # by ray, heaviest first
         r, sh = ray[order], share[order]
-        before = torch.cumsum(sh, 0) - sh  # weight share of the heavier samples of the same ray (offset below)
-        start = torch.zeros(n + 1, dtype=before.dtype, device=device)
-        first = torch.ones_like(r, dtype=torch.bool)
-        first[1:] = r[1:] != r[:-1]
-        start[r[first]] = before[first]
-        before = before - start[r]
+        before = torch.cumsum(sh, 0) - sh
+        before = before - before[ray_starts(r, n)[r]]  # the share of the heavier samples of the same ray
         for key, level in (("carry90", 0.9), ("carry99", 0.99)):
             counts[key].append(torch.bincount(r[before < level], minlength=n)[opaque].float())
         counts["visible"].append(torch.bincount(ray, minlength=n)[opaque].float())
